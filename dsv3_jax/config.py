@@ -121,6 +121,9 @@ class ModelConfig:
                 scale *= m * m
         return scale
 
+    def __hash__(self) -> int:  # rope_scaling is a dict: hash the canonical JSON so configs can be jit-static
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied and validated."""
         cfg = dataclasses.replace(self, **changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ def _dummy_tokens() -> jnp.ndarray:
     return jnp.zeros((1, 2), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random parameters (N(0, initializer_range^2) matrices, unit norms, zero router bias) as a plain pytree."""
     boxed = Transformer(cfg).init(key, _dummy_tokens())["params"]
@@ -36,6 +38,7 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
 def apply(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
           with_mtp: bool = True) -> ModelOutput:
     """Full forward: main logits, MTP logits and per-layer MoE statistics. tokens int32 [batch, seq]."""

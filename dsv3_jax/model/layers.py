@@ -69,6 +69,9 @@ def dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str | N
                  dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
+MLP_ACT = ("activation_batch", "activation_length", "activation_mlp")
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): x [batch, seq, embed] -> [batch, seq, embed] (dense layers, shared experts)."""
 
@@ -80,5 +83,5 @@ class SwiGLU(nn.Module):
         cfg, f = self.cfg, self.intermediate_size
         gate = dense(cfg, f, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg, f, ("embed", "mlp"), "up_proj")(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, MLP_ACT)
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)

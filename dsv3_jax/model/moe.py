@@ -38,10 +38,8 @@ def route(cfg: ModelConfig, logits: jnp.ndarray, bias: jnp.ndarray | None) -> Ro
     if cfg.topk_method != "greedy" and cfg.n_group > 1:
         n, e = choice.shape
         grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
-        if cfg.topk_method == "noaux_tc":
-            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)               # [N, G]
-        else:
-            group_scores = grouped.max(-1)
+        # group score [N, G]: sum of the top-2 (V3) or the max (V2) affinity in the group
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1) if cfg.topk_method == "noaux_tc" else grouped.max(-1)
         _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)             # [N, topk_group]
         keep = jnp.zeros_like(group_scores, dtype=bool).at[jnp.arange(n)[:, None], top_groups].set(True)
         choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
@@ -104,8 +102,8 @@ class MoE(nn.Module):
         gate = self.param("gate", normal_init(std, ("embed", "exp_router")), (d, e), jnp.float32)
         bias = None
         if cfg.topk_method == "noaux_tc":
-            bias = self.param("e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("exp_router",)),
-                              (e,), jnp.float32)
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("exp_router",))
+            bias = self.param("e_score_correction_bias", zeros, (e,), jnp.float32)
             bias = jax.lax.stop_gradient(bias)   # updated by the balancing rule, never by gradients
         tokens = x.reshape(b * t, d)
         routing = route(cfg, jnp.dot(tokens.astype(jnp.float32), gate), bias)
