@@ -251,6 +251,9 @@ def _normalize_rope(raw: dict[str, Any], source: str) -> None:
 def config_from_dict(raw: Mapping[str, Any], source: str = "config", **overrides: Any) -> ModelConfig:
     """Build and validate a ModelConfig from an HF-style dict; unknown keys are errors."""
     raw = dict(raw)
+    # transformers 5 writes the checkpoint's storage dtype as "dtype" (formerly "torch_dtype"; "float16", or
+    # null): not this project's execution dtype, which only `overrides` set.
+    raw.pop("dtype", None)
     raw.update(overrides)
     _normalize_rope(raw, source)
     if raw.get("tie_word_embeddings"):

@@ -14,6 +14,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import RMSNorm, dense
 from dsv3_jax.model.rope import apply_rope
 
+LATENT_NORM_EPS = 1e-6  # HF and DeepSeek fix the latent norms' eps, whatever rms_norm_eps says
 ACT = ("activation_batch", "activation_length", "activation_heads", None)
 
 
@@ -41,7 +42,7 @@ class MLA(nn.Module):
             q = dense(cfg, heads, ("embed", "heads", "qk_head_dim"), "q_proj")(x)
         else:
             c_q = dense(cfg, cfg.q_lora_rank, ("embed", "q_lora"), "q_a_proj")(x)
-            c_q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="q_a_layernorm")(c_q)
+            c_q = RMSNorm(LATENT_NORM_EPS, cfg.dtype, name="q_a_layernorm")(c_q)
             q = dense(cfg, heads, ("q_lora", "heads", "qk_head_dim"), "q_b_proj")(c_q)
         q = nn.with_logical_constraint(q, ACT)
         return q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
@@ -50,7 +51,7 @@ class MLA(nn.Module):
         """Normalized latent c_kv [b, t, kv_lora_rank] and the unrotated rope key [b, t, qk_rope_head_dim]."""
         cfg = self.cfg
         kv = dense(cfg, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora_rope"), "kv_a_proj_with_mqa")(x)
-        c_kv = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="kv_a_layernorm")(kv[..., :cfg.kv_lora_rank])
+        c_kv = RMSNorm(LATENT_NORM_EPS, cfg.dtype, name="kv_a_layernorm")(kv[..., :cfg.kv_lora_rank])
         return c_kv, kv[..., cfg.kv_lora_rank:]
 
     def kv_up(self) -> nn.Module:

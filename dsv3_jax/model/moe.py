@@ -45,7 +45,7 @@ def route(cfg: ModelConfig, logits: jnp.ndarray, bias: jnp.ndarray | None) -> Ro
         choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
     _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)                 # [N, K]
     weights = jnp.take_along_axis(scores, experts, axis=1)
-    if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+    if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return Routing(experts.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores)
 
