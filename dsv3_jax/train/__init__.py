@@ -1,0 +1,1 @@
+"""Training: recipe, schedules, optimizer, losses, load balancing, checkpoints, the step and the loop."""
