@@ -7,8 +7,15 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests jit the same programs many times (each train() call, each subprocess): share compiled executables.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("DSV3_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "dsv3-jax-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import dsv3_jax  # noqa: E402
 

@@ -1,0 +1,58 @@
+"""`dsv3-train`: pre-train a DeepSeek-V3-style model. With no flags: the tiny config on the built-in corpus.
+
+    dsv3-train                                   # tiny model, built-in corpus, tiny-cpu recipe, ./runs/tiny
+    dsv3-train --config small --recipe tiny-cpu --steps 500 --workdir runs/small
+    dsv3-train --config path/to/config.json --data corpus.jsonl --tokenizer path/to/tokenizer_dir
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny", "Model config: a name from dsv3_jax/configs or a path to an HF config.json.")
+flags.DEFINE_string("recipe", "tiny-cpu", "Training recipe: a name from dsv3_jax/configs/recipes or a JSON path.")
+flags.DEFINE_string("workdir", "runs/tiny", "Directory for checkpoints, metrics.jsonl, TensorBoard and the tokenizer.")
+flags.DEFINE_integer("steps", None, "Train until this step (default: the recipe's total steps).")
+flags.DEFINE_integer("seed", 0, "Seed of the initialization and of the data order.")
+flags.DEFINE_string("data", "builtin", "'builtin' (Python's standard library sources), a text file or directory, "
+                    "a .jsonl file (field 'text') or a .parquet file (column 'text').")
+flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or tokenizer directory; default: train one on --data "
+                    "once and cache it in the workdir.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the config's activation dtype.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dsv3_jax.config import ConfigError, load_config
+    from dsv3_jax.data import DataError, TokenizerError
+    from dsv3_jax.train.checkpoint import CheckpointError
+    from dsv3_jax.train.recipe import RecipeError, load_recipe
+    from dsv3_jax.train.trainer import TrainingError, train
+
+    try:
+        overrides = {"dtype": FLAGS.dtype} if FLAGS.dtype else {}
+        cfg = load_config(FLAGS.config, **overrides)
+        recipe = load_recipe(FLAGS.recipe)
+        result = train(cfg, recipe, FLAGS.workdir, steps=FLAGS.steps, seed=FLAGS.seed, data=FLAGS.data,
+                       tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress)
+    except (ConfigError, RecipeError, DataError, TokenizerError, CheckpointError, TrainingError) as err:
+        print(f"dsv3-train: error: {err}", file=sys.stderr)
+        return 1
+    verdict = "below" if result.heldout_loss < result.unigram_loss else "NOT below"
+    print(f"\n{'stopped by signal' if result.stopped_early else 'done'} at step {result.step} "
+          f"({result.tokens:,} tokens)")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.workdir / 'metrics.jsonl'} (TensorBoard: {result.workdir / 'tensorboard'})")
+    print(f"held-out loss {result.heldout_loss:.4f} nats/token ({result.heldout_bits_per_byte:.4f} bits/byte), "
+          f"{verdict} the unigram model of the same data: {result.unigram_loss:.4f} nats/token")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(lambda argv: sys.exit(main(argv)))

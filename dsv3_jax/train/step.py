@@ -1,0 +1,97 @@
+"""The jitted training and evaluation steps: pure functions of (state, batch, hyperparameters).
+
+Loss (paper eq. 17-20, 24-25): L = CE(next token) + lambda * mean_k CE(MTP depth k) + alpha * sequence-wise
+balance loss. After the optimizer update, every MoE layer's routing bias moves by -gamma * sign(load - mean
+load) from the step's global expert loads (sec. 2.1.2). A step whose loss or gradient is not finite
+leaves the state untouched and reports `finite = False`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.functional import apply
+from dsv3_jax.train import balance, losses
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to resume: step counter, FP32 master params, optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Hyper(NamedTuple):
+    """Per-step schedule values (float32 scalars), computed on the host from the tokens seen."""
+
+    learning_rate: jax.Array
+    mtp_weight: jax.Array
+    bias_update_speed: jax.Array
+    balance_alpha: jax.Array
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _moe_loads(moe: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global tokens per expert of each MoE module, summed over the batch: {name: [L, E] or [E]}."""
+    return {name: stats.counts.sum(axis=-2) for name, stats in moe.items()}
+
+
+def _balance_loss(cfg: ModelConfig, moe: dict[str, Any], seq_len: int) -> jax.Array:
+    total = jnp.zeros((), jnp.float32)
+    for stats in moe.values():
+        counts, probs = stats.counts, stats.mean_probs
+        if counts.ndim == 2:                       # an unstacked (MTP) layer: add the layer axis
+            counts, probs = counts[None], probs[None]
+        total = total + losses.sequence_balance_loss(counts, probs, cfg.num_experts_per_tok, seq_len)
+    return total
+
+
+def compute_losses(cfg: ModelConfig, params: Any, tokens: jax.Array, hyper: Hyper):
+    """(total loss, (metrics, loads)) for a packed batch tokens [batch, seq + 1]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    out = apply(cfg, params, inputs)
+    ce = losses.cross_entropy(out.logits, targets)[0]
+    mtp = losses.mtp_loss(out.mtp_logits, tokens) if out.mtp_logits is not None else jnp.zeros((), jnp.float32)
+    aux = _balance_loss(cfg, out.moe, inputs.shape[1])
+    total = ce + hyper.mtp_weight * mtp + hyper.balance_alpha * aux
+    return total, ({"loss": ce, "mtp_loss": mtp, "aux_loss": aux, "total_loss": total}, _moe_loads(out.moe))
+
+
+def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState, tokens: jax.Array,
+               hyper: Hyper) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on tokens [batch, seq + 1]. Jit with cfg and optimizer static."""
+    grad_fn = jax.value_and_grad(lambda p: compute_losses(cfg, p, tokens, hyper), has_aux=True)
+    (_, (metrics, loads)), grads = grad_fn(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, learning_rate=hyper.learning_rate)
+    params = optax.apply_updates(state.params, updates)
+    params = balance.update_router_biases(params, loads, hyper.bias_update_speed)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+    vio = {name: balance.max_vio(load if load.ndim == 2 else load[None]) for name, load in loads.items()}
+    metrics = dict(metrics, grad_norm=grad_norm, finite=finite, learning_rate=hyper.learning_rate)
+    if vio:
+        metrics["max_vio"] = jnp.max(jnp.concatenate(list(vio.values())))
+        metrics["max_vio_per_layer"] = jnp.concatenate(list(vio.values()))
+    return new_state, metrics
+
+
+def eval_step(cfg: ModelConfig, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token CE in nats, number of tokens) over tokens [batch, seq + 1]."""
+    logits = apply(cfg, params, tokens[:, :-1], with_mtp=False).logits
+    mean, count = losses.cross_entropy(logits, tokens[:, 1:])
+    return mean * count, count
