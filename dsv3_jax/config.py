@@ -31,6 +31,8 @@ _IGNORED_HF_KEYS = frozenset({
 
 MOE_IMPLS = ("dense", "ragged")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe_inputs")
+KERNEL_BACKENDS = ("auto", "xla", "pallas")   # dsv3_jax.ops: Pallas kernels on GPU ("auto") or XLA everywhere
+ATTENTION_IMPLS = ("reference", "flash")      # flash: dsv3_jax.ops.attention (cuDNN on GPU), no [B, H, T, T] scores
 DTYPES = ("float32", "bfloat16")
 
 
@@ -90,6 +92,8 @@ class ModelConfig:
     remat_policy: str = "none"              # per scanned layer: see REMAT_POLICIES
     scan_layers: bool = True
     fp8: bool = False
+    kernel_backend: str = "auto"            # FP8 GEMMs and MoE grouped GEMMs: see KERNEL_BACKENDS
+    attention_impl: str = "reference"       # see ATTENTION_IMPLS
 
     # ---------- derived ----------
     @property
@@ -136,7 +140,8 @@ class ModelConfig:
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
         }
-        exec_fields = {"dtype", "param_dtype", "moe_impl", "remat_policy", "scan_layers", "fp8"}
+        exec_fields = {"dtype", "param_dtype", "moe_impl", "remat_policy", "scan_layers", "fp8", "kernel_backend",
+                       "attention_impl"}
         for f in dataclasses.fields(self):
             if f.name in exec_fields or f.name == "num_key_value_heads":
                 continue
@@ -221,7 +226,8 @@ def _validate(cfg: ModelConfig, source: str) -> None:
             if cfg.rope_scaling["factor"] <= 0:
                 _fail(source, f"yarn 'factor' must be positive, got {cfg.rope_scaling['factor']}")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_impl", MOE_IMPLS),
-                          ("remat_policy", REMAT_POLICIES)):
+                          ("remat_policy", REMAT_POLICIES), ("kernel_backend", KERNEL_BACKENDS),
+                          ("attention_impl", ATTENTION_IMPLS)):
         if getattr(cfg, name) not in allowed:
             _fail(source, f"'{name}' must be one of {allowed}, got {getattr(cfg, name)!r}")
 

@@ -11,33 +11,24 @@ largest entry maps to +-448; edge tiles are treated as if zero-padded to 128 x 1
 their amax unchanged. An all-zero tile gets s = 1.
 
 Leading axes (layers, experts) broadcast: w [..., out, in] with scale_inv [..., S_out, S_in].
-Training-time FP8 (activation tiles, FP8 matmuls) lives in `dsv3_jax.ops.fp8`; this module only
-reads and writes checkpoint weights.
+The arithmetic is `dsv3_jax.ops.fp8.quantize` / `dequantize` run with numpy (`eps=0`: no amax floor),
+the same code that quantizes activations and weights in FP8 training.
 """
 
 from __future__ import annotations
 
-import math
-
-import ml_dtypes
 import numpy as np
 
-FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
-BLOCK = (128, 128)
+from dsv3_jax.ops import fp8
+
+FP8_DTYPE = np.dtype(fp8.FP8_DTYPE)
+FP8_MAX = fp8.FP8_MAX  # 448.0
+BLOCK = fp8.WEIGHT_BLOCK
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> tuple[int, ...]:
     """Shape of the scale_inv of a weight of `shape` [..., out, in]: [..., ceil(out/b0), ceil(in/b1)]."""
-    *lead, rows, cols = shape
-    return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-
-
-def expand_scales(scale_inv: np.ndarray, shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> np.ndarray:
-    """Each block's scale repeated over its elements: [..., S_out, S_in] -> [..., out, in] (edge blocks cut)."""
-    rows, cols = shape[-2:]
-    s = np.repeat(scale_inv, block[0], axis=-2)[..., :rows, :]
-    return np.repeat(s, block[1], axis=-1)[..., :cols]
+    return fp8.scale_shape(tuple(shape), block)
 
 
 def dequantize_blocks(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = BLOCK,
@@ -46,20 +37,12 @@ def dequantize_blocks(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, in
     expected = scale_shape(w.shape, block)
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not fit weight shape {tuple(w.shape)} "
-                         f"with blocks {block}: expected {expected}")
-    out = w.astype(np.float32) * expand_scales(scale_inv.astype(np.float32), w.shape, block)
+                         f"with blocks {tuple(block)}: expected {expected}")
+    out = fp8.dequantize(np.asarray(w), np.asarray(scale_inv), tuple(block), xp=np)
     return out.astype(dtype, copy=False)
 
 
 def quantize_blocks(w: np.ndarray, block: tuple[int, int] = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Weight [..., out, in] -> (fp8 E4M3 [..., out, in], float32 scale_inv [..., S_out, S_in]) with s = amax / 448."""
-    w = np.asarray(w, dtype=np.float32)
-    *lead, rows, cols = w.shape
-    n_r, n_c = math.ceil(rows / block[0]), math.ceil(cols / block[1])
-    padded = np.zeros((*lead, n_r * block[0], n_c * block[1]), np.float32)
-    padded[..., :rows, :cols] = w
-    tiles = padded.reshape(*lead, n_r, block[0], n_c, block[1])
-    amax = np.abs(tiles).max(axis=(-3, -1))                                  # [..., S_out, S_in]
-    scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-    q = np.clip(w / expand_scales(scale_inv, w.shape, block), -FP8_MAX, FP8_MAX)
-    return q.astype(FP8_DTYPE), scale_inv
+    q, s = fp8.quantize(np.asarray(w, dtype=np.float32), tuple(block), eps=0.0, xp=np)
+    return np.ascontiguousarray(q), s     # row-major, as the safetensors writer expects

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.ops.fp8 import fp8_matmul
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -39,7 +41,8 @@ class Dense(nn.Module):
     """Projection contracting the last `n_in` axes of x with a kernel [*in_dims, *features].
 
     `axes` names every kernel axis (inputs first) for the sharding rules. The matmul runs in
-    `dtype` with float32 accumulation.
+    `dtype` with float32 accumulation; with `fp8` it runs on FP8 E4M3 operands (x in 1x128 tiles,
+    the float32 kernel in 128x128 blocks, `dsv3_jax.ops.fp8.fp8_matmul`) on `kernel_backend`.
     """
 
     features: tuple[int, ...]
@@ -48,6 +51,8 @@ class Dense(nn.Module):
     std: float = 0.006
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    fp8: bool = False
+    kernel_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -55,6 +60,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", normal_init(self.std, self.axes), (*in_dims, *self.features),
                             dtype_of(self.param_dtype))
         dtype = dtype_of(self.dtype)
+        if self.fp8:
+            k, n = math.prod(in_dims), math.prod(self.features)
+            y = fp8_matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, n), dtype, False, self.kernel_backend)
+            return y.reshape(*x.shape[:x.ndim - self.n_in], *self.features)
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
                                 preferred_element_type=jnp.float32)
@@ -63,10 +72,15 @@ class Dense(nn.Module):
 
 def dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str | None, ...], name: str,
           n_in: int = 1, dtype: str | None = None) -> Dense:
-    """A Dense with the config's init std and dtypes."""
+    """A Dense with the config's init std, dtypes and FP8 switch.
+
+    With `cfg.fp8` every projection runs in FP8 except the output head (the one onto the "vocab" axis),
+    which the paper keeps in BF16 with the embedding, router, norms and attention core.
+    """
     features = (features,) if isinstance(features, int) else tuple(features)
     return Dense(features=features, axes=axes, n_in=n_in, std=cfg.initializer_range,
-                 dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+                 dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, fp8=cfg.fp8 and "vocab" not in axes,
+                 kernel_backend=cfg.kernel_backend, name=name)
 
 
 MLP_ACT = ("activation_batch", "activation_length", "activation_mlp")

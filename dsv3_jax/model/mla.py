@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import RMSNorm, dense
 from dsv3_jax.model.rope import apply_rope
+from dsv3_jax.ops.attention import mla_flash_attention
 
 LATENT_NORM_EPS = 1e-6  # HF and DeepSeek fix the latent norms' eps, whatever rms_norm_eps says
 ACT = ("activation_batch", "activation_length", "activation_heads", None)
@@ -59,6 +60,15 @@ class MLA(nn.Module):
         return dense(cfg, (cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim),
                      ("kv_lora", "heads", "kv_head_dim"), "kv_b_proj")
 
+    def reference_attention(self, q_nope, q_rope, k_nope, k_rope, v, positions):
+        """Eq. 10: softmax over [b, h, s, t] FP32 scores masked by position, times v -> [b, s, h, v_head_dim]."""
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=jnp.float32))
+        scores = scores * self.cfg.softmax_scale
+        scores = jnp.where(causal_mask(positions, positions), scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhst,bthd->bshd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
         cfg = self.cfg
@@ -68,11 +78,9 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0, :]
         kv = nn.with_logical_constraint(self.kv_up()(c_kv), ACT)
         k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=jnp.float32))
-        scores = scores * cfg.softmax_scale
-        scores = jnp.where(causal_mask(positions, positions), scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhst,bthd->bshd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+        if cfg.attention_impl == "flash":
+            out = mla_flash_attention(q_nope, q_rope, k_nope, k_rope, v, cfg.softmax_scale)
+        else:
+            out = self.reference_attention(q_nope, q_rope, k_nope, k_rope, v, positions)
         out = nn.with_logical_constraint(out, ACT)
         return dense(cfg, cfg.hidden_size, ("heads", "v_head_dim", "embed"), "o_proj", n_in=2)(out)

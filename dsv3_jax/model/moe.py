@@ -7,12 +7,14 @@ combine weights are the chosen experts' unbiased affinities, normalized, times `
 No token is ever dropped.
 
 Two dispatch paths with one answer: `dense` runs every expert on every token and masks (the
-reference), `ragged` sorts token copies by expert and runs grouped GEMMs (`jax.lax.ragged_dot`).
+reference), `ragged` sorts token copies by expert and runs grouped GEMMs (`jax.lax.ragged_dot`, or the
+Pallas / FP8 grouped GEMMs that `dsv3_jax.ops.grouped_matmul` picks from `fp8` and `kernel_backend`).
 Letters: n token, k chosen slot, e expert, g group, d embed, f expert hidden.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import SwiGLU, dtype_of, normal_init
+from dsv3_jax.ops.grouped_matmul import for_config as grouped_matmul_for
 
 
 class Routing(NamedTuple):
@@ -109,10 +112,14 @@ class MoE(nn.Module):
         routing = route(cfg, jnp.dot(tokens.astype(jnp.float32), gate), bias)
 
         dtype = dtype_of(cfg.dtype)
-        w_gate = self.param("w_gate", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(dtype)
-        w_up = self.param("w_up", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(dtype)
-        w_down = self.param("w_down", normal_init(std, ("exp", "expert_mlp", "embed")), (e, f, d), pdt).astype(dtype)
-        experts = swiglu_dense_experts if cfg.moe_impl == "dense" else swiglu_grouped_experts
+        grouped = cfg.moe_impl == "ragged"
+        wdt = pdt if cfg.fp8 and grouped else dtype   # FP8 experts quantize the FP32 master weights
+        w_gate = self.param("w_gate", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
+        w_up = self.param("w_up", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
+        w_down = self.param("w_down", normal_init(std, ("exp", "expert_mlp", "embed")), (e, f, d), pdt).astype(wdt)
+        experts = swiglu_dense_experts
+        if grouped:
+            experts = functools.partial(swiglu_grouped_experts, grouped_matmul=grouped_matmul_for(cfg))
         routed = experts(tokens.astype(dtype), w_gate, w_up, w_down, routing).reshape(b, t, d)
         y = routed.astype(dtype)
         if cfg.n_shared_experts:

@@ -1,0 +1,76 @@
+"""`dsv3-bench NAME`: GPU benchmarks, one JSON line per measurement on stdout (and appended to --out).
+
+    dsv3-bench gemm                          # blockwise FP8 GEMM vs BF16 / per-tensor FP8 / jnp dequant (XLA)
+    dsv3-bench grouped_gemm                  # MoE grouped GEMM, BF16 and FP8, vs ragged_dot and jax's Mosaic kernel
+    dsv3-bench train --config proxy-1gpu     # tokens/s, MFU, memory: JAX BF16 and FP8 vs HF transformers (PyTorch)
+    dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
+
+Names: gemm, grouped_gemm, train. Results measured on this project's devices are in dsv3_jax/bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+# A FlagValues of our own, so these flags never collide with other CLIs imported into one process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "Append every JSON line to this file too.", flag_values=FLAGS)
+flags.DEFINE_string("shapes", "all", "gemm: 'all' or comma-separated MxNxK.", flag_values=FLAGS)
+flags.DEFINE_string("layouts", "all", "grouped_gemm: 'all' or some of 8x4096,4x8192,skewed32.", flag_values=FLAGS)
+flags.DEFINE_string("nk", "all", "grouped_gemm: 'all' or comma-separated NxK.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm: calls per timed batch (default 4 / 2).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("config", "proxy-1gpu", "train: model config.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "train: sequences per step (train_step runs use half).", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 4096, "train: tokens per sequence.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "train: timed steps per measurement (after 2 warm-up steps).", flag_values=FLAGS)
+flags.DEFINE_bool("peer", True, "train: also run HF transformers' DeepseekV3 (PyTorch) on the config.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("only", "all", "train: 'all', 'none' or some of jax_bf16_fwd_bwd, jax_fp8_fwd_bwd, "
+                    "jax_fp8_train_step, jax_bf16_train_step.", flag_values=FLAGS)
+flags.DEFINE_integer("accuracy_steps", 0, "train: also train --accuracy_config this many steps in BF16 and FP8.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("accuracy_config", "small", "train: config of the accuracy comparison.", flag_values=FLAGS)
+flags.DEFINE_string("plot", None, "train: write the accuracy loss curves to this PNG.", flag_values=FLAGS)
+flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
+                   flag_values=FLAGS)
+
+NAMES = ("gemm", "grouped_gemm", "train")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as err:
+        print(f"dsv3-bench: error: {err}\n\n{__doc__}", file=sys.stderr)
+        return 2
+    if len(rest) != 2 or rest[1] not in NAMES:
+        print(f"dsv3-bench: error: give one benchmark name of {', '.join(NAMES)}\n\n{__doc__}", file=sys.stderr)
+        return 2
+    name = rest[1]
+    if name == "gemm":
+        from dsv3_jax.bench import gemm
+        gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s)
+    elif name == "grouped_gemm":
+        from dsv3_jax.bench import grouped_gemm
+        grouped_gemm.run(FLAGS.out, FLAGS.layouts, repeats=FLAGS.repeats or 2, budget_s=FLAGS.budget_s,
+                         nk=FLAGS.nk)
+    else:
+        from dsv3_jax.bench import train
+        train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
+                  FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0)
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (`dsv3-bench`)."""
+    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):
+        print(__doc__ + "\n" + str(FLAGS))
+        sys.exit(0)
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,289 @@
+"""`dsv3-bench train`: single-GPU training throughput of a config in BF16 and FP8, next to HF's PyTorch peer,
+and (with --accuracy_steps) a BF16 vs FP8 loss-curve comparison.
+
+Each measurement runs in its own process (so peak memory is its own and an out-of-memory ends only it):
+
+- `hf_torch` (`dsv3_jax.bench.hf_peer`): transformers' DeepseekV3, forward + backward, BF16, first;
+- `jax ... fwd_bwd`: `jax.value_and_grad` of `dsv3_jax.train.step.compute_losses` (CE + balance loss; MTP
+  off so the work equals the peer's), BF16 weights like the peer's;
+- `jax ... train_step`: `dsv3_jax.train.step.train_step` with `make_optimizer(deepseek-v3-pretrain)`:
+  forward with MTP, backward, clipping, AdamW with BF16 moments, router-bias update.
+
+Attention runs `attention_impl="flash"` (cuDNN): the reference path's [batch, 128 heads, 4096, 4096] FP32
+scores do not fit next to the rest. Tokens are random ids (throughput does not depend on them). Reported:
+step time (median of --steps after 2 warm-up steps), tokens/s, model TFLOP/s and MFU
+(`dsv3_jax.train.flops.train_flops_per_token`: 6 x matmul parameters + attention, against the dense BF16
+peak), peak GPU memory (allocator peak) and compile time.
+
+Accuracy (`--accuracy_steps N`): the `small` config trained N steps from one seed on the same batches
+(bytes of the Python standard library's sources, the device's own copy) in BF16 and in FP8 with
+`train_step`; the record holds both loss curves and the relative difference of the smoothed losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsv3_jax.bench.timing import Reporter
+
+PROCESS_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}   # one process per measurement may use the whole GPU
+SMOOTH = 20                                                 # moving-average window of the accuracy comparison
+
+
+def default_specs(config: str, batch: int, seq: int) -> list[dict[str, Any]]:
+    """The measurements of `dsv3-bench train` in the order they run (the most important first)."""
+    common = dict(config=config, seq=seq, param_dtype="bfloat16")
+    return [
+        dict(common, name="jax_bf16_fwd_bwd", mode="fwd_bwd", fp8=False, batch=batch, mtp=False),
+        dict(common, name="jax_fp8_fwd_bwd", mode="fwd_bwd", fp8=True, batch=batch, mtp=False),
+        dict(common, name="jax_fp8_train_step", mode="train_step", fp8=True, batch=max(1, batch // 2), mtp=True),
+        dict(common, name="jax_bf16_train_step", mode="train_step", fp8=False, batch=max(1, batch // 2), mtp=True),
+    ]
+
+
+def _hyper(lr: float = 2.2e-4, mtp: float = 0.3, gamma: float = 1e-3, alpha: float = 1e-4):
+    import jax.numpy as jnp
+
+    from dsv3_jax.train.step import Hyper
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    return Hyper(learning_rate=f32(lr), mtp_weight=f32(mtp), bias_update_speed=f32(gamma), balance_alpha=f32(alpha))
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compile and time one training configuration in this process (JAX on the default device).
+
+    If it does not fit in memory, it is compiled again with full rematerialization of each layer
+    (`remat_policy="full"`) and the record says so.
+    """
+    import jax
+
+    from dsv3_jax.bench.timing import device_info
+    from dsv3_jax.config import load_config
+    from dsv3_jax.model.functional import init_params
+    from dsv3_jax.train.flops import peak_flops_per_device, train_flops_per_token
+
+    cfg = load_config(spec["config"], fp8=spec["fp8"], attention_impl=spec.get("attention", "flash"),
+                      param_dtype=spec["param_dtype"], remat_policy=spec.get("remat", "none"))
+    if not spec["mtp"]:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    b, t = spec["batch"], spec["seq"]
+    tokens = jax.random.randint(jax.random.key(1), (b, t + 1), 0, cfg.vocab_size)
+    for remat in dict.fromkeys((cfg.remat_policy, "full")):
+        try:   # fresh parameters each try: a train_step that ran out of memory may have consumed its donated state
+            timing = _time_steps(cfg.replace(remat_policy=remat), spec, init_params(cfg, jax.random.key(0)), tokens)
+            break
+        except Exception as exc:  # noqa: BLE001 - out of memory: try again with remat; anything else: report
+            if "RESOURCE_EXHAUSTED" not in str(exc) or remat == "full":
+                raise
+    flops_tok = train_flops_per_token(cfg, t, with_mtp=bool(spec["mtp"]))
+    tok_s = b * t / timing["step_s"]
+    peak = peak_flops_per_device()
+    stats = jax.devices()[0].memory_stats() or {}
+    return {**device_info(), **spec, "impl": "jax", "precision": "fp8" if spec["fp8"] else "bf16", "remat": remat,
+            **timing, "tokens_per_s": tok_s, "model_tflops": flops_tok * tok_s / 1e12,
+            "mfu": flops_tok * tok_s / peak if peak else None, "flops_per_token": flops_tok,
+            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
+
+
+def _time_steps(cfg: Any, spec: dict[str, Any], params: Any, tokens: Any) -> dict[str, Any]:
+    """Compile time, then the median of spec["steps"] timed steps after 2 warm-up steps."""
+    import jax
+
+    from dsv3_jax.train.optimizer import make_optimizer
+    from dsv3_jax.train.recipe import load_recipe
+    from dsv3_jax.train.step import compute_losses, init_state, train_step
+
+    hyper = _hyper()
+    if spec["mode"] == "fwd_bwd":
+        fn = jax.jit(lambda p, x: jax.value_and_grad(lambda p: compute_losses(cfg, p, x, hyper)[0])(p))
+        state = params
+        advance = lambda compiled, state: (state, compiled(state, tokens)[0])
+    else:
+        optimizer = make_optimizer(load_recipe("deepseek-v3-pretrain"))
+        state = init_state(params, optimizer)
+        fn = jax.jit(lambda s, x: train_step(cfg, optimizer, s, x, hyper), donate_argnums=0)
+        advance = lambda compiled, state: (lambda out: (out[0], out[1]["loss"]))(compiled(state, tokens))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        state, loss = advance(compiled, state)
+        jax.block_until_ready(loss)
+    times = []
+    for _ in range(spec.get("steps", 5)):
+        t0 = time.perf_counter()
+        state, loss = advance(compiled, state)
+        jax.block_until_ready((state, loss))
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.median(times)), "step_s_all": times, "compile_s": compile_s, "loss": float(loss)}
+
+
+def stdlib_bytes(n: int) -> np.ndarray:
+    """The first n bytes of this Python's standard-library sources (sorted paths) as int32 token ids 0..255."""
+    chunks, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= n:
+            break
+    return np.frombuffer(b"".join(chunks)[:n], np.uint8).astype(np.int32)
+
+
+def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train spec["config"] for spec["steps"] steps (train_step, AdamW, FP32 master weights); the loss per step."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.bench.timing import device_info
+    from dsv3_jax.config import load_config
+    from dsv3_jax.model.functional import init_params
+    from dsv3_jax.train import schedules
+    from dsv3_jax.train.optimizer import make_optimizer
+    from dsv3_jax.train.recipe import load_recipe
+    from dsv3_jax.train.step import init_state, train_step
+
+    steps, b, t = spec["steps"], spec["batch"], spec["seq"]
+    cfg = load_config(spec["config"], fp8=spec["fp8"], attention_impl=spec.get("attention", "flash"))
+    total = steps * b * t
+    recipe = load_recipe("tiny-cpu", seq_len=t, batch_size_start=b, batch_size_end=b, batch_ramp_tokens=0,
+                         total_tokens=total, warmup_steps=20, peak_lr=1e-3, min_lr=1e-4, final_lr=3e-5,
+                         lr_decay_start_tokens=int(0.6 * total), lr_decay_tokens=int(0.35 * total),
+                         min_lr_tokens=int(0.03 * total), mtp_weight_switch_tokens=int(0.6 * total),
+                         bias_update_speed=1e-3, bias_update_stop_tokens=int(0.95 * total))
+    data = stdlib_bytes(steps * b * (t + 1)).reshape(steps, b, t + 1)
+    optimizer = make_optimizer(recipe)
+    state = init_state(init_params(cfg, jax.random.key(spec.get("seed", 0))), optimizer)
+    step_fn = jax.jit(lambda s, x, h: train_step(cfg, optimizer, s, x, h), donate_argnums=0)
+    losses, t0 = [], time.perf_counter()
+    for i in range(steps):
+        seen = i * b * t
+        hyper = _hyper(schedules.learning_rate(recipe, i, seen), schedules.mtp_weight(recipe, seen),
+                       schedules.bias_update_speed(recipe, seen), recipe.balance_alpha)
+        state, metrics = step_fn(state, jnp.asarray(data[i]), hyper)
+        losses.append(metrics["loss"])
+    losses = [float(x) for x in jax.device_get(losses)]
+    return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": "fp8" if spec["fp8"] else "bf16",
+            "losses": losses, "wall_s": time.perf_counter() - t0}
+
+
+def smoothed(x: list[float], window: int = SMOOTH) -> np.ndarray:
+    """Trailing moving average (the first window-1 points average what exists so far)."""
+    x = np.asarray(x, np.float64)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    n = np.minimum(np.arange(1, len(x) + 1), window)
+    return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+
+
+def compare_curves(bf16: list[float], fp8: list[float]) -> dict[str, float]:
+    """Relative difference |fp8 - bf16| / bf16 of the smoothed losses: at the end, max and mean after warm-up."""
+    a, b = smoothed(bf16), smoothed(fp8)
+    rel = np.abs(b - a) / a
+    start = min(len(rel) - 1, 2 * SMOOTH)
+    return {"final_rel_diff": float(rel[-1]), "max_rel_diff_after_warmup": float(rel[start:].max()),
+            "mean_rel_diff_after_warmup": float(rel[start:].mean()), "final_loss_bf16": float(a[-1]),
+            "final_loss_fp8": float(b[-1])}
+
+
+def plot_curves(bf16: list[float], fp8: list[float], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    steps = np.arange(1, len(bf16) + 1)
+    for name, curve in (("BF16", bf16), ("FP8", fp8)):
+        top.plot(steps, curve, alpha=0.25)
+        top.plot(steps, smoothed(curve), label=f"{name} (moving average {SMOOTH})")
+    top.set_ylabel("training loss (nats/token)")
+    top.set_title(title)
+    top.legend()
+    rel = np.abs(smoothed(fp8) - smoothed(bf16)) / smoothed(bf16) * 100
+    bottom.plot(steps, rel)
+    bottom.axhline(0.25, color="red", linestyle="--", label="0.25% (paper)")
+    bottom.set_ylabel("|FP8 - BF16| / BF16 (%)")
+    bottom.set_xlabel("step")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _subprocess(args: list[str], timeout: float) -> tuple[list[dict[str, Any]], str]:
+    """Run a measuring process; its JSON lines and the tail of its other output."""
+    env = {**os.environ, **PROCESS_ENV}
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
+        text, tail = proc.stdout, proc.stderr[-2000:]
+    except subprocess.TimeoutExpired as exc:
+        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        tail = f"timed out after {timeout:.0f} s"
+    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return records, tail
+
+
+def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
+        peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
+        plot: str | None = None, budget_s: float = 3000.0) -> Reporter:
+    """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
+    rep = Reporter("train", out, with_device=False)
+    deadline = time.monotonic() + budget_s
+    me = [sys.executable, "-m", "dsv3_jax.bench.train"]
+    jobs: list[tuple[str, list[str]]] = []
+    if peer:
+        jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
+                                  str(batch), "--seq", str(seq), "--steps", str(steps)]))
+    if accuracy_steps:
+        for fp8 in (False, True):
+            spec = dict(config=accuracy_config, fp8=fp8, steps=accuracy_steps, batch=16, seq=256)
+            jobs.append((f"accuracy_{'fp8' if fp8 else 'bf16'}", [*me, "--accuracy", json.dumps(spec)]))
+    for spec in default_specs(config, batch, seq):
+        if only == "all" or spec["name"] in only.split(","):
+            jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})]))
+    curves: dict[str, list[float]] = {}
+    for name, args in jobs:
+        left = deadline - time.monotonic()
+        if left < 30:
+            rep.emit(name=name, skipped=f"time budget of {budget_s:.0f} s spent")
+            continue
+        records, tail = _subprocess(args, left)
+        if not records:
+            rep.emit(name=name, error=tail)
+        for r in records:
+            rep.emit(**{**r, "name": name})
+            if r.get("mode") == "accuracy":
+                curves[r["precision"]] = r["losses"]
+    if len(curves) == 2:
+        cmp = compare_curves(curves["bf16"], curves["fp8"])
+        rep.emit(name="accuracy_summary", config=accuracy_config, steps=accuracy_steps, smooth_window=SMOOTH, **cmp)
+        if plot:
+            try:
+                    plot_curves(curves["bf16"], curves["fp8"], plot,
+                            f"{accuracy_config}: BF16 vs FP8, {accuracy_steps} steps, same seed and data")
+            except ImportError as err:
+                rep.emit(name="plot", error=f"no plot: {err}")
+    rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
+               "compile_s", "final_rel_diff", "error"])
+    return rep
+
+
+def _child_main(argv: list[str]) -> None:
+    """`python -m dsv3_jax.bench.train --measure SPEC_JSON` or `--accuracy SPEC_JSON`: print one JSON line."""
+    flag, spec = argv[1], json.loads(argv[2])
+    try:
+        record = measure(spec) if flag == "--measure" else accuracy_curve(spec)
+    except Exception as exc:  # noqa: BLE001 - out of memory and the like are results, reported as such
+        record = {**spec, "error": repr(exc)[:1500]}
+    print(json.dumps(record, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv)

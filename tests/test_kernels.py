@@ -1,0 +1,155 @@
+"""Pallas kernels in interpret mode (CPU; compiled on a GPU) against the jnp references: blockwise-FP8 GEMM,
+grouped GEMM in BF16 and FP8 with its backward, and the flash attention path against the reference attention.
+
+Interpret mode fills kernel outputs with NaN before the run, so an element a kernel forgets to write fails
+the comparisons below. Tiles are small (32-64) so that few-hundred-row problems span many tiles, ragged
+edges included.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsv3_jax
+from dsv3_jax.kernels import gemm, grouped_gemm
+from dsv3_jax.kernels.gemm import GemmConfig
+from dsv3_jax.ops import fp8
+from dsv3_jax.ops.attention import mla_flash_attention
+from dsv3_jax.ops.grouped_matmul import grouped_matmul
+
+INTERPRET = jax.default_backend() != "gpu"     # on a GPU the same tests check the compiled kernels
+SMALL = GemmConfig(block_m=32, block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=2)
+SMALL_FP8 = GemmConfig(block_m=32, block_n=64, block_k=128, group_m=2, num_warps=4, num_stages=2)
+# ragged sizes: empty groups (first, middle, last), sizes not multiples of the tile, rows past the sum
+SIZES = [0, 37, 0, 64, 1, 50, 0]
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def normal(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+
+
+def test_tile_table_covers_every_row_once():
+    for seed, m in ((0, 300), (1, 64), (2, 1000)):
+        sizes = np.random.default_rng(seed).multinomial(m - 7, np.ones(9) / 9)
+        sizes[[2, 5]] = 0
+        group, lo, hi = map(np.asarray, grouped_gemm.tile_table(jnp.asarray(sizes), m, 64))
+        assert len(group) == -(-m // 64) + 9
+        owner = np.full(m, -1)
+        for g, a, b in zip(group, lo, hi, strict=True):
+            assert b <= a or (a // 64 == (b - 1) // 64)          # a program's rows stay inside one row tile
+            assert np.all(owner[a:b] == -1)
+            owner[a:b] = g
+        expected = np.concatenate([np.full(s, g) for g, s in enumerate(sizes)] + [np.full(m - sizes.sum(), 9)])
+        np.testing.assert_array_equal(owner, expected)           # group 9 = the zero tail past sum(sizes)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "b_block", "cfg"), [
+    (200, 300, 260, 128, SMALL),       # every edge ragged; block_k 64: two K steps per scale
+    (200, 300, 260, 1, SMALL_FP8),     # per-row scales of b (the wgrad case)
+    (128, 256, 256, 128, GemmConfig(block_m=64, block_n=128, block_k=128, group_m=1, num_warps=4)),  # no masks
+])
+def test_blockwise_fp8_gemm(m, n, k, b_block, cfg):
+    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    b, b_s = fp8.quantize(normal(2, (n, k)), (b_block, 128))
+    out = gemm.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, backend="xla")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
+    bf16 = gemm.scaled_matmul(a, a_s, b, b_s, b_block=b_block, config=cfg, interpret=INTERPRET)
+    assert bf16.dtype == jnp.bfloat16 and rel(bf16, ref) < 5e-3
+
+
+def test_blockwise_fp8_gemm_checks_operands():
+    a, a_s = fp8.quantize(normal(0, (64, 256)))
+    with pytest.raises(ValueError, match="b_scale shape"):
+        gemm.scaled_matmul(a, a_s, a, a_s, b_block=128, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        gemm.scaled_matmul(a.astype(jnp.bfloat16), a_s, a, a_s, b_block=1, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_grouped_gemm_bf16(transpose_rhs):
+    m, k, n = 170, 96, 80                      # sum(SIZES) = 152 < 170: the last 18 rows must come out zero
+    x, w = normal(0, (m, k), jnp.bfloat16), normal(1, (len(SIZES), k, n), jnp.bfloat16)
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    rhs = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+    out = grouped_gemm.grouped_matmul(x, rhs, sizes, transpose_rhs=transpose_rhs, out_dtype=jnp.float32,
+                                      config=SMALL, interpret=INTERPRET)
+    ref = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(out[sum(SIZES):]) == 0)
+
+
+def test_grouped_gemm_fp8():
+    m, k, n = 170, 260, 200
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    xq, xs = fp8.quantize(normal(0, (m, k)))
+    wq, ws = fp8.quantize(normal(1, (len(SIZES), n, k)), fp8.WEIGHT_BLOCK)          # [G, N, K] K-major
+    out = grouped_gemm.grouped_matmul(xq, wq, sizes, xs, ws, transpose_rhs=True, out_dtype=jnp.float32,
+                                      config=SMALL_FP8, interpret=INTERPRET)
+    ref = fp8.scaled_grouped_matmul(xq, xs, wq, ws, sizes, out_dtype=jnp.float32, backend="xla")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_transposed_grouped_gemm(scaled):
+    m, ka, nb = 300, 96, 160
+    sizes = jnp.asarray([0, 100, 1, 0, 140, 59], jnp.int32)          # boundaries inside 128-token tiles
+    a, b = normal(0, (m, ka)), normal(1, (m, nb))
+    if scaled:
+        (at, at_s), (bt, bt_s) = fp8.quantize(a.T), fp8.quantize(b.T)               # 1x128 along the tokens
+        out = grouped_gemm.transposed_grouped_matmul(at, bt, sizes, at_s, bt_s, tokens_last=True,
+                                                     config=SMALL_FP8, interpret=INTERPRET)
+        ref = fp8.scaled_grouped_wgrad(at, at_s, bt, bt_s, sizes, backend="xla")
+    else:
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        out = grouped_gemm.transposed_grouped_matmul(a, b, sizes, config=SMALL, interpret=INTERPRET)
+        a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)       # exact upcasts: an FP32 reference
+        ragged = lambda w: jax.lax.ragged_dot(a32, w, sizes, precision="highest")
+        ref = jax.vjp(ragged, jnp.zeros((6, ka, nb)))[1](b32)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
+    assert np.all(np.asarray(out)[[0, 3]] == 0)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_grouped_matmul_gradients_pallas_vs_xla(use_fp8):
+    """The custom VJPs on the kernels (dgrad, per-group wgrad) give the reference backend's gradients."""
+    m, k, n = 150, 128, 96
+    sizes = jnp.asarray([40, 0, 70, 40], jnp.int32)
+    x, w, dy = normal(0, (m, k)), normal(1, (4, k, n)) * 0.05, normal(2, (m, n))
+    dtype = jnp.float32 if use_fp8 else jnp.bfloat16
+    x, w = x.astype(dtype), w.astype(dtype)
+    grads = {}
+    for backend in ("xla", "pallas"):
+        f = lambda x, w, backend=backend: grouped_matmul(x, w, sizes, jnp.float32, fp8=use_fp8, backend=backend)
+        out, vjp = jax.vjp(f, x, w)
+        grads[backend] = (out, *vjp(dy))
+    for got, want in zip(grads["pallas"], grads["xla"], strict=True):
+        assert got.dtype == want.dtype
+        assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < (1e-5 if use_fp8 else 1e-2)
+
+
+def test_flash_attention_matches_reference():
+    cfg = dsv3_jax.load_config("tiny", dtype="float32")
+    b, s, h = 2, 40, cfg.num_attention_heads
+    q_nope, q_rope = normal(0, (b, s, h, cfg.qk_nope_head_dim)), normal(1, (b, s, h, cfg.qk_rope_head_dim))
+    k_nope, k_rope = normal(2, (b, s, h, cfg.qk_nope_head_dim)), normal(3, (b, s, cfg.qk_rope_head_dim))
+    v = normal(4, (b, s, h, cfg.v_head_dim))
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mla = dsv3_jax.model.mla.MLA(cfg)
+    ref = mla.reference_attention(q_nope, q_rope, k_nope, k_rope, v, positions)
+    out = mla_flash_attention(q_nope, q_rope, k_nope, k_rope, v, cfg.softmax_scale)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_flash_attention_and_pallas_backend(tiny_cfg, tiny_params):
+    """attention_impl=flash and kernel_backend=pallas (interpret) leave the tiny model's logits unchanged."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, tiny_cfg.vocab_size)
+    ref = dsv3_jax.forward(tiny_cfg, tiny_params, tokens)
+    fast = tiny_cfg.replace(attention_impl="flash", kernel_backend="pallas")
+    np.testing.assert_allclose(dsv3_jax.forward(fast, tiny_params, tokens), ref, rtol=1e-4, atol=1e-4)
