@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dsv3_jax.named_json import read_named_json, shipped_names
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # HF config keys that carry no information for this implementation (bookkeeping, inference-time
@@ -284,7 +286,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config", **overrides
 
 def config_names() -> list[str]:
     """Names of the configs shipped in dsv3_jax/configs/."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return shipped_names(CONFIG_DIR)
 
 
 def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -292,18 +294,5 @@ def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfi
 
     `overrides` replace fields before validation, e.g. `load_config("tiny", dtype="float32")`.
     """
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        shipped = CONFIG_DIR / f"{name_or_path}.json"
-        if not shipped.exists():
-            raise ConfigError(f"no config named {str(name_or_path)!r}: not a file and not one of {config_names()}")
-        path = shipped
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw, path = read_named_json(name_or_path, CONFIG_DIR, "config", ConfigError)
     return config_from_dict(raw, source=str(path), **overrides)

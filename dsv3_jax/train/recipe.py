@@ -10,11 +10,11 @@ warmup counts steps. Shipped recipes live in `dsv3_jax/configs/recipes/NAME.json
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from dsv3_jax.named_json import read_named_json, shipped_names
 from dsv3_jax.train import schedules
 
 RECIPE_DIR = Path(__file__).parent.parent / "configs" / "recipes"
@@ -121,7 +121,7 @@ class Recipe:
 
 def recipe_names() -> list[str]:
     """Names of the shipped recipes."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+    return shipped_names(RECIPE_DIR)
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", **overrides: Any) -> Recipe:
@@ -144,16 +144,5 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", **overrides: A
 
 def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> Recipe:
     """Load a shipped recipe by name (`tiny-cpu`, `deepseek-v3-pretrain`) or a JSON file; `overrides` replace fields."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        shipped = RECIPE_DIR / f"{name_or_path}.json"
-        if not shipped.is_file():
-            raise RecipeError(f"no recipe named {str(name_or_path)!r}: not a file and not one of {recipe_names()}")
-        path = shipped
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw, path = read_named_json(name_or_path, RECIPE_DIR, "recipe", RecipeError)
     return recipe_from_dict(raw, source=str(path), **overrides)
