@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Model config: a name from dsv3_jax/configs or a path to an HF config.json.")
@@ -53,6 +53,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _quiet_main(argv: list[str]) -> None:
+    """main() with library INFO logs (orbax, absl) hidden unless --verbosity is given."""
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    sys.exit(main(argv))
+
+
 def run() -> None:
     """Console-script entry point."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(_quiet_main)
