@@ -1,5 +1,6 @@
 """The training loop end to end on a small synthetic corpus: resume, divergence, signals, balancing, metrics."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -90,7 +91,7 @@ def test_metrics_jsonl_and_tensorboard_have_every_key(cfg, recipe, corpus, tmp_p
     train(cfg, recipe, tmp_path, steps=10, data=corpus, progress=False)
     records = read_metrics(tmp_path)
     logged = [r for r in records if "loss" in r]
-    assert len(logged) == 10 and all(LOGGED_KEYS <= set(r) for r in logged)
+    assert len(logged) == 10 and all(set(r) >= LOGGED_KEYS for r in logged)
     assert all(np.isfinite(r[k]) for r in logged for k in ("loss", "mtp_loss", "aux_loss", "grad_norm", "max_vio"))
     assert len(logged[0]["max_vio_per_layer"]) == cfg.n_moe_layers + cfg.num_nextn_predict_layers
     evals = [r for r in records if "heldout_loss" in r]
@@ -130,10 +131,8 @@ def test_train_step_leaves_the_state_untouched_when_the_loss_is_not_finite(cfg, 
 def test_bias_balancing_removes_a_skewed_routing_and_gamma_zero_keeps_it(cfg, recipe):
     """Every layer starts with expert 0 favoured by +0.2; only the routing biases move (LR 0)."""
     params = dsv3_jax.init_params(cfg, jax.random.key(0))
-    skew = lambda b: b.at[..., 0].add(0.2)
-    params["moe_layers"]["mlp"]["e_score_correction_bias"] = skew(params["moe_layers"]["mlp"]["e_score_correction_bias"])
-    params["mtp_0"]["block"]["mlp"]["e_score_correction_bias"] = skew(
-        params["mtp_0"]["block"]["mlp"]["e_score_correction_bias"])
+    for mlp in (params["moe_layers"]["mlp"], params["mtp_0"]["block"]["mlp"]):
+        mlp["e_score_correction_bias"] = mlp["e_score_correction_bias"].at[..., 0].add(0.2)
     optimizer = make_optimizer(recipe)
     step = jax.jit(functools.partial(train_step, cfg, optimizer))
     tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, cfg.vocab_size)
@@ -173,10 +172,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cfg, corpus, tmp_path):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(dict(cfg.to_hf_dict(), dtype="float32")))
     recipe_path = tmp_path / "recipe.json"
-    recipe_path.write_text(json.dumps(load_recipe("tiny-cpu", **dict(RECIPE_OVERRIDES, checkpoint_every=1000)).__dict__))
+    recipe = load_recipe("tiny-cpu", **dict(RECIPE_OVERRIDES, checkpoint_every=1000))
+    recipe_path.write_text(json.dumps(dataclasses.asdict(recipe)))
     workdir = tmp_path / "run"
-    proc = _cli("--config", str(config_path), "--dtype", "float32", "--recipe", str(recipe_path), "--data", corpus, "--workdir", str(workdir),
-                "--steps", "100000", "--noprogress", env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = _cli("--config", str(config_path), "--dtype", "float32", "--recipe", str(recipe_path), "--data", corpus,
+                "--workdir", str(workdir), "--steps", "100000", "--noprogress",
+                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 240
     while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
