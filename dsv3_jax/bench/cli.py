@@ -4,8 +4,11 @@
     dsv3-bench grouped_gemm                  # MoE grouped GEMM, BF16 and FP8, vs ragged_dot and jax's Mosaic kernel
     dsv3-bench train --config proxy-1gpu     # tokens/s, MFU, memory: JAX BF16 and FP8 vs HF transformers (PyTorch)
     dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
+    dsv3-bench pipeline --schedule dualpipe --pp 8   # draws the schedule (PNG), bubble/params/activations per schedule
+    dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
 
-Names: gemm, grouped_gemm, train. Results measured on this project's devices are in dsv3_jax/bench/RESULTS.md.
+Names: gemm, grouped_gemm, train, pipeline, plan. Figures measured on this project's devices:
+dsv3_jax/bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ flags.DEFINE_string("plot", None, "train: write the accuracy loss curves to this
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "train")
+flags.DEFINE_string("schedule", "dualpipe", "pipeline: the schedule to draw (gpipe, 1f1b, zb1p, dualpipe).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("pp", 8, "pipeline: pipeline stages.", flag_values=FLAGS)
+flags.DEFINE_integer("microbatches", None, "pipeline / plan: micro-batches per step (default 2 x pp + 4 / 2 x pp + 4).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("png", None, "pipeline: where to draw the schedule (default pipeline_<schedule>_pp<pp>.png).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mesh", "pipe=16,expert=64,data=2", "plan: the mesh, axis=size,...", flag_values=FLAGS)
+
+NAMES = ("gemm", "grouped_gemm", "train", "pipeline", "plan")
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +69,13 @@ def main(argv: list[str]) -> int:
         from dsv3_jax.bench import grouped_gemm
         grouped_gemm.run(FLAGS.out, FLAGS.layouts, repeats=FLAGS.repeats or 2, budget_s=FLAGS.budget_s,
                          nk=FLAGS.nk)
+    elif name == "pipeline":
+        from dsv3_jax.bench import pipeline
+        pipeline.run(FLAGS.schedule, FLAGS.pp, FLAGS.microbatches, FLAGS.png, FLAGS.out)
+    elif name == "plan":
+        from dsv3_jax.bench import plan
+        config = FLAGS.config if FLAGS["config"].present else "deepseek-v3-671b"
+        plan.run(config, FLAGS.mesh, n_mb=FLAGS.microbatches, out=FLAGS.out)
     else:
         from dsv3_jax.bench import train
         train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
