@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax
-from dsv3_jax.kernels import gemm, grouped_gemm
+from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm
 from dsv3_jax.kernels.gemm import GemmConfig
 from dsv3_jax.ops import fp8
 from dsv3_jax.ops.attention import mla_flash_attention
@@ -62,6 +62,34 @@ def test_blockwise_fp8_gemm(m, n, k, b_block, cfg):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
     bf16 = gemm.scaled_matmul(a, a_s, b, b_s, b_block=b_block, config=cfg, interpret=INTERPRET)
     assert bf16.dtype == jnp.bfloat16 and rel(bf16, ref) < 5e-3
+
+
+# jax 0.10's Mosaic GPU interpreter cannot read a transposed WGMMA operand (jax 0.11's can)
+MGPU_INTERPRETABLE = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+@pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
+                    reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
+@pytest.mark.parametrize("b_block", [128, 1])
+@pytest.mark.parametrize("n", [128, 192])     # 192: the narrow 64-column configuration
+def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n):
+    m, k = 128, 384                              # one CTA row of tiles, three K blocks with their own scales
+    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (b_block, 128))
+    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, interpret=INTERPRET)
+    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, backend="xla")
+    # Hopper's FP8 WGMMA adds its products with ~14 significant bits (DeepSeek-V3 sec. 3.3.2), so on the GPU
+    # the error is that rounding, not FP32's: bound the worst element against the output's scale.
+    assert np.isfinite(np.asarray(out)).all()
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
+def test_mosaic_gpu_gemm_rejects_partial_tiles():
+    a, a_s = fp8.quantize(normal(0, (100, 256)))
+    assert not gemm_mgpu.supports(100, 128, 256) and not gemm_mgpu.supports(128, 96, 256)
+    assert gemm_mgpu.config_for(128, 192, 256) == gemm_mgpu.NARROW_CONFIG
+    with pytest.raises(ValueError, match="needs M"):
+        gemm_mgpu.scaled_matmul(a, a_s, a, a_s, b_block=1, interpret=True)
 
 
 def test_blockwise_fp8_gemm_checks_operands():

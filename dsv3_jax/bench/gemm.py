@@ -5,8 +5,9 @@ For each (M, N, K), out [M, N] = x [M, K] . w [N, K]^T (w in HF's [out, in] layo
 - `bf16`: XLA dot on BF16 operands (cuBLAS);
 - `fp8_tensor`: XLA dot on FP8 E4M3 operands with one scale per tensor (cuBLASLt FP8);
 - `fp8_block_jnp`: DeepSeek's 1x128 / 128x128 scaling written in jnp: dequantize to BF16, then dot;
-- `fp8_block_pallas`: the Pallas kernel of `dsv3_jax.kernels.gemm` on FP8 operands and block scales,
-  once per tile configuration of a small sweep (the best one is what a user would pick).
+- `fp8_block_pallas`: the Pallas-Triton kernel of `dsv3_jax.kernels.gemm` on FP8 operands and block scales,
+  once per tile configuration of a small sweep (the best one is what a user would pick);
+- `fp8_block_mgpu`: the Pallas Mosaic GPU kernel of `dsv3_jax.kernels.gemm_mgpu`, likewise swept.
 
 Each line carries the median time, TFLOP/s (2MNK / time) and the relative error against a BF16-operand,
 FP32-accumulated product of the same (dequantized) operands, so a fast but wrong variant shows.
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.bench.timing import Deadline, Reporter, measure
-from dsv3_jax.kernels import gemm
+from dsv3_jax.kernels import gemm, gemm_mgpu
 from dsv3_jax.kernels.gemm import GemmConfig
+from dsv3_jax.kernels.gemm_mgpu import MgpuGemmConfig
 from dsv3_jax.ops import fp8
 
 # DeepGEMM's table (REFERENCE.md): (N, K) at M in {128, 4096}
@@ -37,6 +39,14 @@ CONFIGS_LARGE_M = (
 CONFIGS_SMALL_M = (
     GemmConfig(64, 128, 128, group_m=1, num_warps=4, num_stages=5),
     GemmConfig(128, 128, 128, group_m=1, num_warps=4, num_stages=4),
+)
+# Mosaic GPU kernel: per-warpgroup tile, warpgroups stacked along M or N, pipeline depth
+# (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
+CONFIGS_MGPU = (
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=4),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=4, grid_tile_width=16),
+    MgpuGemmConfig(64, 64, "m", max_concurrent_steps=6),
 )
 DIMS = (((1,), (1,)), ((), ()))   # contract the K axes of [M, K] and [N, K]
 L2_BYTES = 50 * 2 ** 20
@@ -58,7 +68,8 @@ def _per_tensor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def run(out: str | None = None, shapes: str = "all", repeats: int = 4, iters: int = 7,
-        budget_s: float | None = None) -> Reporter:
+        budget_s: float | None = None, impls: str = "all") -> Reporter:
+    """Every shape (or `shapes`, comma-separated MxNxK) through every variant (or `impls`, comma-separated)."""
     rep = Reporter("gemm", out)
     deadline = Deadline(budget_s)
     wanted = [(m, n, k) for m in MS for n, k in SHAPES_NK]
@@ -68,7 +79,7 @@ def run(out: str | None = None, shapes: str = "all", repeats: int = 4, iters: in
         if deadline.left() < 0:
             rep.emit(m=m, n=n, k=k, skipped="time budget")
             continue
-        _bench_shape(rep, deadline, m, n, k, repeats, iters)
+        _bench_shape(rep, deadline, m, n, k, repeats, iters, None if impls == "all" else impls.split(","))
     _summary(rep)
     return rep
 
@@ -105,33 +116,45 @@ def _fp8_block_jnp(x8: jax.Array, sx: jax.Array, w8: jax.Array, sw: jax.Array) -
                                                                                       jnp.bfloat16))
 
 
-def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repeats: int, iters: int) -> None:
+def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repeats: int, iters: int,
+                 impls: list[str] | None) -> None:
     base, flops = dict(m=m, n=n, k=k), 2.0 * m * n * k
     timing = dict(repeats=repeats, iters=iters)
+    want = lambda impl: impls is None or impl in impls
     xs, ws = _inputs(m, n, k, 2 * repeats)
-    ref_bf16 = _ref(xs[0], ws[0])
-    measure(rep, deadline, base, "bf16", _bf16, list(zip(xs, ws, strict=True)), ref_bf16, flops, **timing)
-    del ref_bf16
-
-    tensor = [_quantize_per_tensor(x, w) for x, w in zip(xs, ws, strict=True)]
-    x8, sx, w8, sw = tensor[0]
-    ref = _ref(x8.astype(jnp.bfloat16), w8.astype(jnp.bfloat16)) * (sx * sw)
-    measure(rep, deadline, base, "fp8_tensor", _fp8_tensor, tensor, ref, flops, **timing)
-    del tensor
+    if want("bf16"):
+        ref_bf16 = _ref(xs[0], ws[0])
+        measure(rep, deadline, base, "bf16", _bf16, list(zip(xs, ws, strict=True)), ref_bf16, flops, **timing)
+        del ref_bf16
+    if want("fp8_tensor"):
+        tensor = [_quantize_per_tensor(x, w) for x, w in zip(xs, ws, strict=True)]
+        x8, sx, w8, sw = tensor[0]
+        ref = _ref(x8.astype(jnp.bfloat16), w8.astype(jnp.bfloat16)) * (sx * sw)
+        measure(rep, deadline, base, "fp8_tensor", _fp8_tensor, tensor, ref, flops, **timing)
+        del tensor
 
     block = [_quantize_blockwise(x, w) for x, w in zip(xs, ws, strict=True)]         # (x8, sx, w8, sw)
     del xs, ws
     x8, sx, w8, sw = block[0]
     ref = _ref(fp8.dequantize(x8, sx, fp8.ACT_BLOCK, jnp.bfloat16), fp8.dequantize(w8, sw, fp8.WEIGHT_BLOCK,
                                                                                     jnp.bfloat16))
-    measure(rep, deadline, base, "fp8_block_jnp", _fp8_block_jnp, block, ref, flops, **timing)
-    for cfg in CONFIGS_SMALL_M if m <= 256 else CONFIGS_LARGE_M:
+    if want("fp8_block_jnp"):
+        measure(rep, deadline, base, "fp8_block_jnp", _fp8_block_jnp, block, ref, flops, **timing)
+    for cfg in (CONFIGS_SMALL_M if m <= 256 else CONFIGS_LARGE_M) if want("fp8_block_pallas") else ():
         op = functools.partial(gemm.scaled_matmul, b_block=128, config=cfg)
         measure(rep, deadline, base, "fp8_block_pallas", op, block, ref, flops, _cfg_name(cfg), **timing)
+    for cfg in CONFIGS_MGPU if want("fp8_block_mgpu") and jax.default_backend() == "gpu" else ():
+        if gemm_mgpu.fits(m, n, k, cfg):
+            op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
+            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg), **timing)
 
 
 def _cfg_name(cfg: GemmConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}/g{cfg.group_m}"
+
+
+def _mgpu_name(cfg: MgpuGemmConfig) -> str:
+    return f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
 
 
 def _summary(rep: Reporter) -> None:
@@ -142,9 +165,9 @@ def _summary(rep: Reporter) -> None:
             best = rows.setdefault((r["m"], r["n"], r["k"]), {})
             best[r["impl"]] = max(best.get(r["impl"], 0.0), r["tflops"])
     for (m, n, k), best in rows.items():
-        pallas = best.get("fp8_block_pallas", 0.0)
+        pallas = max(best.get("fp8_block_pallas", 0.0), best.get("fp8_block_mgpu", 0.0))
         rep.emit(kind="summary", m=m, n=n, k=k, **{f"{impl}_tflops": v for impl, v in best.items()},
                  pallas_over_bf16=pallas / best["bf16"] if best.get("bf16") else None,
                  faster_than_bf16=pallas > best.get("bf16", float("inf")))
     rep.table(["kind", "m", "n", "k", "impl", "config", "tflops", "rel_err", "bf16_tflops", "fp8_tensor_tflops",
-               "fp8_block_jnp_tflops", "fp8_block_pallas_tflops", "error"])
+               "fp8_block_jnp_tflops", "fp8_block_pallas_tflops", "fp8_block_mgpu_tflops", "max_err", "error"])

@@ -121,9 +121,11 @@ def measure(rep: Reporter, deadline: Deadline, base: dict[str, Any], impl: str, 
     try:
         t = time_op(op, arg_sets, repeats=repeats, iters=iters)
         got = t["first"]
-        err = None if ref is None else rel_error(got[0] if isinstance(got, tuple | list) else got, ref)
+        got = got[0] if isinstance(got, tuple | list) else got
+        err = None if ref is None else rel_error(got, ref)
+        max_err = None if ref is None else max_rel_error(got, ref)
         rep.emit(**base, impl=impl, config=config, ms=t["seconds"] * 1e3, tflops=flops / t["seconds"] / 1e12,
-                 rel_err=err, compile_s=t["compile_s"])
+                 rel_err=err, max_err=max_err, compile_s=t["compile_s"])
     except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
         rep.emit(**base, impl=impl, config=config, error=repr(exc)[:500])
 
@@ -132,3 +134,9 @@ def rel_error(got: jax.Array, want: jax.Array) -> float:
     """||got - want|| / ||want|| in float32 (NaN anywhere gives NaN)."""
     g, w = got.astype(jax.numpy.float32), want.astype(jax.numpy.float32)
     return float(jax.numpy.linalg.norm(g - w) / jax.numpy.linalg.norm(w))
+
+
+def max_rel_error(got: jax.Array, want: jax.Array) -> float:
+    """max |got - want| / max |want| in float32 (the worst element against the output's scale)."""
+    g, w = got.astype(jax.numpy.float32), want.astype(jax.numpy.float32)
+    return float(jax.numpy.max(jax.numpy.abs(g - w)) / jax.numpy.max(jax.numpy.abs(w)))

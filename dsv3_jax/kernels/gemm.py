@@ -15,13 +15,13 @@ Backend: Pallas on Triton (`jax.experimental.pallas.triton`), chosen because (1)
 CPU in Pallas interpret mode, so the tests check this very code against the jnp reference on ragged and
 unaligned shapes, which Mosaic GPU kernels (TMA, barriers, WGMMA primitives) cannot do on jax 0.10/0.11;
 (2) Triton lowers `dot` on FP8 to Hopper's FP8 WGMMA and software-pipelines the K loop (`num_stages`).
-Measured on H100 (dsv3_jax/bench/RESULTS.md) this kernel is correct but slow: 250-460 TFLOP/s at M=4096,
-below cuBLAS BF16 (680-880). The FP32 promotion after every 128-wide K step needs the WGMMA result in
-registers, so Triton waits for each WGMMA before the scale-multiply-add and the tensor cores idle in
-between; wider tiles spill (a second FP32 tile lives next to the accumulator). DeepGEMM hides the
-promotion with warp specialization (a TMA producer warp and two math warpgroups taking turns), which
-Pallas-Triton cannot express: that is a Mosaic GPU kernel (`plgpu.emit_pipeline_warp_specialized`, as
-in jax's hopper_matmul_mgpu), the next step, to be checked on the GPU against this one.
+Measured on H100 (dsv3_jax/bench/RESULTS.md, 2026-11-24) this kernel is correct but slow: 278-338 TFLOP/s
+at M=4096, below cuBLAS BF16 (735-810). The FP32 promotion after every 128-wide K step needs the WGMMA
+result in registers, so Triton waits for each WGMMA before the scale-multiply-add and the tensor cores
+idle in between. The Mosaic GPU kernel of `gemm_mgpu` hides that with warp specialization (a TMA
+warpgroup and two math warpgroups taking turns, DeepGEMM's structure) and runs 593-835 TFLOP/s at the
+same shapes: `dsv3_jax.ops.fp8` uses it where its tiles fit and this kernel elsewhere (and in CPU tests
+on jax < 0.11, whose Mosaic GPU interpreter cannot run that kernel).
 Any M, N, K are accepted: partial tiles are masked (the mask is dropped where a size divides the tile).
 """
 

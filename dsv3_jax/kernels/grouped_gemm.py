@@ -17,9 +17,11 @@ FP8 token tiles of `transposed_grouped_matmul` are the global 128-row tiles of t
 the group's rows.
 
 Backend: Pallas on Triton, for the reasons given in `gemm.py` (interpretable on CPU; Triton emits WGMMA
-for BF16 and FP8). Measured on H100 (bench/RESULTS.md): BF16 526-597 TFLOP/s forward and 535-540 for
-forward + dgrad + wgrad, ahead of jax's Mosaic GPU `ragged_dot_mgpu` (401-502) and 6x `jax.lax.ragged_dot`;
-FP8 290-330 TFLOP/s, held back by the per-128-K promotion as in `gemm.py`. Offsets are int32: every
+for BF16 and FP8). Measured on H100 (bench/RESULTS.md, 2026-11-24, 32768 tokens): BF16 522-609 TFLOP/s
+forward (best tile) and 545-609 for forward + dgrad + wgrad, ahead of jax's Mosaic GPU `ragged_dot_mgpu`
+(418-509, untuned) and 3-22x `jax.lax.ragged_dot`; FP8 265-330 TFLOP/s forward and 177-183 forward +
+backward (with quantization), held back by the per-128-K promotion as in `gemm.py`. A warp-specialized
+Mosaic GPU version (the structure of `gemm_mgpu` on `tile_table`'s row tiles) is the next step. Offsets are int32: every
 operand must hold fewer than 2^31 elements.
 """
 

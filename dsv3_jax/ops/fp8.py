@@ -24,7 +24,9 @@ operands quantized along its own contraction axis and accumulates in FP32:
 
 `fp8_grouped_matmul` is the same for MoE experts (tokens sorted by expert, W [G, K, N], per-group wgrad).
 Backends: "xla" dequantizes and runs an FP32 dot / ragged_dot (the reference, any device); "pallas" runs
-the kernels of `dsv3_jax.kernels` on FP8 operands and scales (interpret mode off GPU); "auto" picks
+the kernels of `dsv3_jax.kernels` on FP8 operands and scales (interpret mode off GPU): dense GEMMs whose
+M and N fill whole 128-row tiles (K whole 128 blocks) take the Mosaic GPU kernel (`gemm_mgpu`, the
+fastest measured on H100, bench/RESULTS.md), the others the Triton kernel (`gemm`); "auto" picks
 "pallas" on GPU and "xla" elsewhere.
 """
 
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from dsv3_jax.kernels import gemm, grouped_gemm
+from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
@@ -126,6 +128,8 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
         a_f = dequantize(a, a_scale, ACT_BLOCK)
         b_f = dequantize(b, b_scale, (b_block, TILE))
         return jnp.dot(a_f, b_f.T, precision=HIGHEST, preferred_element_type=jnp.float32).astype(out_dtype)
+    if mode == "pallas" and gemm_mgpu.supports(a.shape[0], b.shape[0], a.shape[1]):   # the faster kernel on H100
+        return gemm_mgpu.scaled_matmul(a, a_scale, b, b_scale, b_block=b_block, out_dtype=jnp.dtype(out_dtype))
     return gemm.scaled_matmul(a, a_scale, b, b_scale, b_block=b_block, out_dtype=jnp.dtype(out_dtype),
                               interpret=mode == "interpret")
 
