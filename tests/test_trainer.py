@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax
+from dsv3_jax.parallel.mesh import ParallelConfig
 from dsv3_jax.train import schedules
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.metrics import read_metrics
@@ -28,6 +29,9 @@ RECIPE_OVERRIDES = dict(seq_len=32, total_tokens=4096, batch_size_start=4, batch
                         batch_size_quantum=4, warmup_steps=5, lr_decay_start_tokens=2048, lr_decay_tokens=1024,
                         min_lr_tokens=512, mtp_weight_switch_tokens=2048, bias_update_stop_tokens=3584,
                         log_every=1, eval_every=10, eval_batches=2, eval_batch_size=4, checkpoint_every=10)
+# Batches of 4 split over 4 of the 8 emulated devices: resume and the checkpoints run on sharded state.
+MESH = "data=4"
+QUIET_ON_MESH = dict(progress=False, parallel=ParallelConfig.parse(MESH))
 LOGGED_KEYS = {"step", "tokens", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "max_vio", "max_vio_per_layer",
                "tokens_per_s", "mfu", "batch_size"}
 
@@ -62,9 +66,9 @@ def _losses(workdir):
 
 
 def test_resumed_run_sees_the_same_data_and_gives_the_same_losses(cfg, recipe, corpus, tmp_path):
-    full = train(cfg, recipe, tmp_path / "full", steps=20, data=corpus, progress=False)
-    train(cfg, recipe, tmp_path / "split", steps=10, data=corpus, progress=False)
-    resumed = train(cfg, recipe, tmp_path / "split", steps=20, data=corpus, progress=False)
+    full = train(cfg, recipe, tmp_path / "full", steps=20, data=corpus, **QUIET_ON_MESH)
+    train(cfg, recipe, tmp_path / "split", steps=10, data=corpus, **QUIET_ON_MESH)
+    resumed = train(cfg, recipe, tmp_path / "split", steps=20, data=corpus, **QUIET_ON_MESH)
 
     uninterrupted, split = _losses(tmp_path / "full"), _losses(tmp_path / "split")
     assert sorted(uninterrupted) == sorted(split) == list(range(1, 21))
@@ -88,7 +92,7 @@ def _tokens_before_each_step(recipe, steps):
 
 
 def test_metrics_jsonl_and_tensorboard_have_every_key(cfg, recipe, corpus, tmp_path):
-    train(cfg, recipe, tmp_path, steps=10, data=corpus, progress=False)
+    train(cfg, recipe, tmp_path, steps=10, data=corpus, **QUIET_ON_MESH)
     records = read_metrics(tmp_path)
     logged = [r for r in records if "loss" in r]
     assert len(logged) == 10 and all(set(r) >= LOGGED_KEYS for r in logged)
@@ -106,12 +110,12 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(cfg, recipe,
     monkeypatch.setattr(schedules, "learning_rate",
                         lambda r, step, tokens: jnp.inf if step == 12 else real(r, step, tokens))
     with pytest.raises(TrainingError, match=r"step 14: .* not finite.*last good checkpoint is step 10"):
-        train(cfg, recipe, tmp_path, steps=20, data=corpus, progress=False)
+        train(cfg, recipe, tmp_path, steps=20, data=corpus, **QUIET_ON_MESH)
 
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [10]
     monkeypatch.setattr(schedules, "learning_rate", real)
-    resumed = train(cfg, recipe, tmp_path, steps=12, data=corpus, progress=False)   # restores step 10 and goes on
+    resumed = train(cfg, recipe, tmp_path, steps=12, data=corpus, **QUIET_ON_MESH)   # restores step 10 and goes on
     assert resumed.step == 12 and np.isfinite(resumed.heldout_loss)
 
 
@@ -176,7 +180,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cfg, corpus, tmp_path):
     recipe_path.write_text(json.dumps(dataclasses.asdict(recipe)))
     workdir = tmp_path / "run"
     proc = _cli("--config", str(config_path), "--dtype", "float32", "--recipe", str(recipe_path), "--data", corpus,
-                "--workdir", str(workdir), "--steps", "100000", "--noprogress",
+                "--workdir", str(workdir), "--steps", "100000", "--noprogress", "--mesh", MESH,
                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 240
     while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():

@@ -4,10 +4,11 @@
     dsv3-bench grouped_gemm                  # MoE grouped GEMM, BF16 and FP8, vs ragged_dot and jax's Mosaic kernel
     dsv3-bench train --config proxy-1gpu     # tokens/s, MFU, memory: JAX BF16 and FP8 vs HF transformers (PyTorch)
     dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
+    dsv3-bench moe_layer                     # expert-parallel MoE layer, EP=1 vs EP=all GPUs, all-to-all GB/s
     dsv3-bench pipeline --schedule dualpipe --pp 8   # draws the schedule (PNG), bubble/params/activations per schedule
     dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
 
-Names: gemm, grouped_gemm, train, pipeline, plan. Figures measured on this project's devices:
+Names: gemm, grouped_gemm, train, moe_layer, pipeline, plan. Figures measured on this project's devices:
 dsv3_jax/bench/RESULTS.md.
 """
 
@@ -21,6 +22,8 @@ from absl import flags
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "Append every JSON line to this file too.", flag_values=FLAGS)
 flags.DEFINE_string("shapes", "all", "gemm: 'all' or comma-separated MxNxK.", flag_values=FLAGS)
+flags.DEFINE_string("impls", "all", "gemm: 'all' or some of bf16,fp8_tensor,fp8_block_jnp,fp8_block_pallas,"
+                    "fp8_block_mgpu.", flag_values=FLAGS)
 flags.DEFINE_string("layouts", "all", "grouped_gemm: 'all' or some of 8x4096,4x8192,skewed32.", flag_values=FLAGS)
 flags.DEFINE_string("nk", "all", "grouped_gemm: 'all' or comma-separated NxK.", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm: calls per timed batch (default 4 / 2).",
@@ -49,7 +52,15 @@ flags.DEFINE_string("png", None, "pipeline: where to draw the schedule (default 
                     flag_values=FLAGS)
 flags.DEFINE_string("mesh", "pipe=16,expert=64,data=2", "plan: the mesh, axis=size,...", flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "train", "pipeline", "plan")
+flags.DEFINE_integer("experts_per_gpu", 32, "moe_layer: routed experts per GPU (DeepSeek-V3 at EP=8: 256 / 8).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("tokens_per_gpu", 4096, "moe_layer: tokens per GPU.", flag_values=FLAGS)
+flags.DEFINE_string("moe_backend", "auto", "moe_layer: grouped GEMM backend of the local experts (auto, xla, pallas).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("moe_exchange", "auto", ["auto", "ragged", "padded"], "moe_layer: the all-to-all of the dispatch.",
+                  flag_values=FLAGS)
+
+NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "plan")
 
 
 def main(argv: list[str]) -> int:
@@ -64,11 +75,16 @@ def main(argv: list[str]) -> int:
     name = rest[1]
     if name == "gemm":
         from dsv3_jax.bench import gemm
-        gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s)
+        gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, impls=FLAGS.impls)
     elif name == "grouped_gemm":
         from dsv3_jax.bench import grouped_gemm
         grouped_gemm.run(FLAGS.out, FLAGS.layouts, repeats=FLAGS.repeats or 2, budget_s=FLAGS.budget_s,
                          nk=FLAGS.nk)
+    elif name == "moe_layer":
+        from dsv3_jax.bench import moe_layer
+        moe_layer.run(FLAGS.out, tokens=FLAGS.tokens_per_gpu, experts_per_device=FLAGS.experts_per_gpu,
+                      repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, backend=FLAGS.moe_backend,
+                      exchange=FLAGS.moe_exchange)
     elif name == "pipeline":
         from dsv3_jax.bench import pipeline
         pipeline.run(FLAGS.schedule, FLAGS.pp, FLAGS.microbatches, FLAGS.png, FLAGS.out)

@@ -18,19 +18,9 @@ import jax
 import dsv3_jax
 from dsv3_jax.bench.timing import Reporter
 from dsv3_jax.parallel import pipeline, stages
+from dsv3_jax.parallel.mesh import ParallelConfig
 
 GB = 1e9
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """"pipe=16,expert=64,data=2" -> {"pipe": 16, "expert": 64, "data": 2}."""
-    sizes = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not size.isdigit() or name.strip() in sizes:
-            raise ValueError(f"bad mesh {text!r}: want name=size,...")
-        sizes[name.strip()] = int(size)
-    return sizes
 
 
 def _size(tree) -> int:
@@ -106,7 +96,7 @@ def table(rows: list[dict]) -> str:
 def run(config: str = "deepseek-v3-671b", mesh: str = "pipe=16,expert=64,data=2", micro_batch: int = 1,
         seq: int = 4096, n_mb: int | None = None, out: str | None = None) -> list[dict]:
     """Print one JSON line per schedule, then the Markdown table."""
-    rows = plan(config, parse_mesh(mesh), micro_batch, seq, n_mb)
+    rows = plan(config, ParallelConfig.parse(mesh).sizes(), micro_batch, seq, n_mb)
     reporter = Reporter("plan", out, with_device=False)
     for row in rows:
         reporter.emit(**row)

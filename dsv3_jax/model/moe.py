@@ -9,6 +9,9 @@ No token is ever dropped.
 Two dispatch paths with one answer: `dense` runs every expert on every token and masks (the
 reference), `ragged` sorts token copies by expert and runs grouped GEMMs (`jax.lax.ragged_dot`, or the
 Pallas / FP8 grouped GEMMs that `dsv3_jax.ops.grouped_matmul` picks from `fp8` and `kernel_backend`).
+Traced under a mesh (`dsv3_jax.parallel.mesh.use_mesh`), `ragged` becomes expert parallel: tokens go to
+the devices holding their experts by all-to-all (`dsv3_jax.parallel.expert_parallel`); the config does
+not change with the mesh. `dense` stays the reference there too (jit partitions it as it likes).
 Letters: n token, k chosen slot, e expert, g group, d embed, f expert hidden.
 """
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import SwiGLU, dtype_of, normal_init
 from dsv3_jax.ops.grouped_matmul import for_config as grouped_matmul_for
+from dsv3_jax.parallel.expert_parallel import expert_parallel_experts, mesh_wants_expert_parallel
 
 
 class Routing(NamedTuple):
@@ -117,10 +121,15 @@ class MoE(nn.Module):
         w_gate = self.param("w_gate", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
         w_up = self.param("w_up", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
         w_down = self.param("w_down", normal_init(std, ("exp", "expert_mlp", "embed")), (e, f, d), pdt).astype(wdt)
-        experts = swiglu_dense_experts
-        if grouped:
-            experts = functools.partial(swiglu_grouped_experts, grouped_matmul=grouped_matmul_for(cfg))
-        routed = experts(tokens.astype(dtype), w_gate, w_up, w_down, routing).reshape(b, t, d)
+        if grouped and mesh_wants_expert_parallel() and not self.is_initializing():
+            routed = expert_parallel_experts(tokens.astype(dtype), routing.experts, routing.weights, w_gate, w_up,
+                                             w_down, grouped_matmul=grouped_matmul_for(cfg))
+        else:
+            experts = swiglu_dense_experts
+            if grouped:
+                experts = functools.partial(swiglu_grouped_experts, grouped_matmul=grouped_matmul_for(cfg))
+            routed = experts(tokens.astype(dtype), w_gate, w_up, w_down, routing)
+        routed = routed.reshape(b, t, d)
         y = routed.astype(dtype)
         if cfg.n_shared_experts:
             y = y + SwiGLU(cfg, f * cfg.n_shared_experts, name="shared_experts")(x)

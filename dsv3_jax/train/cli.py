@@ -3,6 +3,8 @@
     dsv3-train                                   # tiny model, built-in corpus, tiny-cpu recipe, ./runs/tiny
     dsv3-train --config small --recipe tiny-cpu --steps 500 --workdir runs/small
     dsv3-train --config path/to/config.json --data corpus.jsonl --tokenizer path/to/tokenizer_dir
+    dsv3-train --mesh data=2,expert=4                                # any mesh over the visible devices
+    dsv3-train --distributed --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # one per host
 """
 
 from __future__ import annotations
@@ -23,13 +25,25 @@ flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or tokenizer directory
                     "once and cache it in the workdir.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the config's activation dtype.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("mesh", "", "Mesh axis sizes over all devices, e.g. 'data=2,expert=4' (axes pipe, data, expert, "
+                    "tensor; one may be -1 = the remaining devices; default: every device data parallel).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host or GPU); "
+                  "unset --coordinator/--num_processes/--process_id come from SLURM, Open MPI or the TPU pod.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0's coordinator service (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --distributed).")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     from dsv3_jax.config import ConfigError, load_config
     from dsv3_jax.data import DataError, TokenizerError
+    from dsv3_jax.parallel.mesh import ParallelConfig, ParallelConfigError
     from dsv3_jax.train.checkpoint import CheckpointError
     from dsv3_jax.train.recipe import RecipeError, load_recipe
     from dsv3_jax.train.trainer import TrainingError, train
@@ -38,9 +52,11 @@ def main(argv: list[str]) -> int:
         overrides = {"dtype": FLAGS.dtype} if FLAGS.dtype else {}
         cfg = load_config(FLAGS.config, **overrides)
         recipe = load_recipe(FLAGS.recipe)
+        parallel = ParallelConfig.parse(FLAGS.mesh)
         result = train(cfg, recipe, FLAGS.workdir, steps=FLAGS.steps, seed=FLAGS.seed, data=FLAGS.data,
-                       tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress)
-    except (ConfigError, RecipeError, DataError, TokenizerError, CheckpointError, TrainingError) as err:
+                       tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress, parallel=parallel)
+    except (ConfigError, RecipeError, DataError, TokenizerError, CheckpointError, TrainingError,
+            ParallelConfigError) as err:
         print(f"dsv3-train: error: {err}", file=sys.stderr)
         return 1
     verdict = "below" if result.heldout_loss < result.unigram_loss else "NOT below"

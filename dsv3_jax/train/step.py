@@ -4,19 +4,29 @@ Loss (paper eq. 17-20, 24-25): L = CE(next token) + lambda * mean_k CE(MTP depth
 balance loss. After the optimizer update, every MoE layer's routing bias moves by -gamma * sign(load - mean
 load) from the step's global expert loads (sec. 2.1.2). A step whose loss or gradient is not finite
 leaves the state untouched and reports `finite = False`.
+
+On a mesh (`sharded_steps`) the state lives in the ZeRO-1 layout of `dsv3_jax.parallel.mesh`: the step
+gathers the parameters into the compute layout, and the gradients land back in the state layout
+(reduce-scatter), where the optimizer updates each device's shard. Sums over the sharded batch (losses,
+expert loads) are global: jit partitions them.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.functional import apply
+from dsv3_jax.model.functional import apply, init_params
+from dsv3_jax.parallel.mesh import ParamLayouts, batch_sharding, param_layouts, train_state_shardings
 from dsv3_jax.train import balance, losses
 
 
@@ -68,11 +78,17 @@ def compute_losses(cfg: ModelConfig, params: Any, tokens: jax.Array, hyper: Hype
     return total, ({"loss": ce, "mtp_loss": mtp, "aux_loss": aux, "total_loss": total}, _moe_loads(out.moe))
 
 
+def _constrain(tree: Any, shardings: Any | None) -> Any:
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
 def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState, tokens: jax.Array,
-               hyper: Hyper) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on tokens [batch, seq + 1]. Jit with cfg and optimizer static."""
-    grad_fn = jax.value_and_grad(lambda p: compute_losses(cfg, p, tokens, hyper), has_aux=True)
+               hyper: Hyper, layouts: ParamLayouts | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on tokens [batch, seq + 1]. Jit with cfg, optimizer and layouts static."""
+    compute = layouts.compute if layouts else None
+    grad_fn = jax.value_and_grad(lambda p: compute_losses(cfg, _constrain(p, compute), tokens, hyper), has_aux=True)
     (_, (metrics, loads)), grads = grad_fn(state.params)
+    grads = _constrain(grads, layouts.state if layouts else None)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
 
@@ -90,8 +106,39 @@ def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state:
     return new_state, metrics
 
 
-def eval_step(cfg: ModelConfig, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def eval_step(cfg: ModelConfig, params: Any, tokens: jax.Array,
+              layouts: ParamLayouts | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token CE in nats, number of tokens) over tokens [batch, seq + 1]."""
-    logits = apply(cfg, params, tokens[:, :-1], with_mtp=False).logits
+    logits = apply(cfg, _constrain(params, layouts.compute if layouts else None), tokens[:, :-1], with_mtp=False).logits
     mean, count = losses.cross_entropy(logits, tokens[:, 1:])
     return mean * count, count
+
+
+class ShardedSteps(NamedTuple):
+    """The state's shardings and the jitted steps of one (cfg, optimizer, mesh). Call (and lower) them inside
+    `use_mesh(mesh)`: MoE layers pick their all-to-all dispatch and activations their constraints from it.
+
+    init(key) -> TrainState; train(state, tokens, hyper) -> (state, metrics), donating the state;
+    evaluate(params, tokens) -> (loss sum, count). Metrics come back replicated.
+    """
+
+    state_shardings: Any
+    init: Callable[[jax.Array], TrainState]
+    train: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    evaluate: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def sharded_steps(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> ShardedSteps:
+    """Jit init, train and eval steps for `mesh`: state in the ZeRO-1 layout, batches over the data axes."""
+    make_state = lambda key: init_state(init_params(cfg, key), optimizer)
+    abstract = jax.eval_shape(make_state, jax.random.key(0))
+    shardings = train_state_shardings(cfg, mesh, optimizer, abstract)
+    layouts = param_layouts(cfg, mesh, abstract.params)
+    rows, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
+    return ShardedSteps(
+        shardings,
+        init=jax.jit(make_state, out_shardings=shardings),
+        train=jax.jit(functools.partial(train_step, cfg, optimizer, layouts=layouts), donate_argnums=0,
+                      in_shardings=(shardings, rows, replicated), out_shardings=(shardings, replicated)),
+        evaluate=jax.jit(functools.partial(eval_step, cfg, layouts=layouts), in_shardings=(shardings.params, rows),
+                         out_shardings=replicated))

@@ -2,13 +2,19 @@
 
 `train(...)` runs from the latest checkpoint in the workdir (or from scratch) to `steps`, writing
 `metrics.jsonl`, TensorBoard events and orbax checkpoints, and returns a `TrainResult`.
+
+The same loop runs on any mesh (`--mesh data=2,expert=4`; default: every device data parallel), in one
+process or many (after `jax.distributed.initialize()`): the state lives sharded in the ZeRO-1 layout,
+each process puts its rows of the global batch on its devices, and all processes write their shards of
+every checkpoint. Every process packs the same global token stream and keeps its own rows, so losses,
+data position and checkpoints do not depend on the number of processes (resume on another host count
+works); process 0 alone writes metrics, the tokenizer and the run's JSON files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import signal
@@ -19,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dsv3_jax.config import ModelConfig
@@ -32,14 +39,21 @@ from dsv3_jax.data import (
     train_tokenizer,
     unigram_loss,
 )
-from dsv3_jax.model.functional import init_params
+from dsv3_jax.parallel.mesh import (
+    ParallelConfig,
+    ParallelConfigError,
+    data_parallel_size,
+    global_batch,
+    make_mesh,
+    use_mesh,
+)
 from dsv3_jax.train import schedules
 from dsv3_jax.train.checkpoint import Checkpointer, abstract_like
 from dsv3_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optimizer import make_optimizer
 from dsv3_jax.train.recipe import Recipe
-from dsv3_jax.train.step import Hyper, eval_step, init_state, train_step
+from dsv3_jax.train.step import Hyper, sharded_steps
 
 
 class TrainingError(RuntimeError):
@@ -60,16 +74,18 @@ class TrainResult:
 
 def prepare_tokenizer(cfg: ModelConfig, workdir: Path, tokenizer_path: str | None,
                       train_texts: list[str]) -> Tokenizer:
-    """The given tokenizer, else the one cached in `<workdir>/tokenizer`, else one trained now and cached there."""
+    """The given tokenizer, else the one cached in `<workdir>/tokenizer`, else one trained now (by process 0)
+    and cached there."""
     cached = workdir / "tokenizer"
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)
-    elif (cached / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(cached)
     else:
-        print(f"training a byte-level BPE tokenizer of {cfg.vocab_size} tokens on {len(train_texts)} documents")
-        tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
-        tokenizer.save(cached)
+        if not (cached / "tokenizer.json").exists() and jax.process_index() == 0:
+            print(f"training a byte-level BPE tokenizer of {cfg.vocab_size} tokens on {len(train_texts)} documents")
+            train_tokenizer(train_texts, vocab_size=cfg.vocab_size).save(cached)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("dsv3-train tokenizer")
+        tokenizer = load_tokenizer(cached)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model config's vocab_size is "
                             f"{cfg.vocab_size}: use a config with vocab_size >= {tokenizer.vocab_size}")
@@ -108,24 +124,46 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate(cfg: ModelConfig, params: Any, batches: list[dict[str, np.ndarray]], n_bytes: int) -> tuple[float, float]:
-    """(mean held-out next-token loss in nats, bits per byte)."""
-    step = jax.jit(functools.partial(eval_step, cfg))
+def evaluate(step: Any, mesh: Any, params: Any, batches: list[dict[str, np.ndarray]],
+             n_bytes: int) -> tuple[float, float]:
+    """(mean held-out next-token loss in nats, bits per byte) with the jitted eval `step` on `mesh`."""
     total, count = 0.0, 0
     for batch in batches:
-        loss_sum, n = step(params, jnp.asarray(batch["tokens"]))
+        loss_sum, n = step(params, global_batch(mesh, batch["tokens"]))
         total, count = total + float(loss_sum), count + int(n)
     return total / count, total / (math.log(2) * n_bytes)
 
 
 def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int | None = None, seed: int = 0,
-          data: str = "builtin", tokenizer_path: str | None = None, progress: bool = True) -> TrainResult:
-    """Train `cfg` with `recipe` in `workdir` up to `steps` (default: the recipe's), resuming if possible."""
+          data: str = "builtin", tokenizer_path: str | None = None, progress: bool = True,
+          parallel: ParallelConfig | None = None) -> TrainResult:
+    """Train `cfg` with `recipe` in `workdir` up to `steps` (default: the recipe's), resuming if possible.
+
+    `parallel` gives the mesh (default: all devices data parallel); batch sizes must divide over its
+    data-parallel size.
+    """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     steps = recipe.total_steps if steps is None else steps
-    (workdir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-    (workdir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    hosts, host = jax.process_count(), jax.process_index()
+    try:
+        mesh = make_mesh(parallel or ParallelConfig())
+    except ParallelConfigError as err:
+        raise TrainingError(str(err)) from err
+    if mesh.shape["pipe"] > 1:
+        raise TrainingError(f"dsv3-train does not pipeline: use pipe=1 in --mesh (got {dict(mesh.shape)}); "
+                            "pipeline schedules run through dsv3_jax.parallel.pipeline_exec")
+    dp = data_parallel_size(mesh)
+
+    def check_batch(size: int, what: str) -> None:
+        if size % dp or size % hosts:
+            raise TrainingError(f"{what} {size} is not divisible by the data-parallel size {dp} of mesh "
+                                f"{dict(mesh.shape)} and the {hosts} processes; change the recipe or --mesh")
+
+    check_batch(recipe.eval_batch_size, "eval_batch_size")
+    if host == 0:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+        (workdir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
 
     train_texts = load_documents(data, "train")
     heldout_texts = load_documents(data, "heldout")
@@ -133,22 +171,27 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
     train_docs = tokenize_documents(tokenizer, train_texts)
     heldout_docs = tokenize_documents(tokenizer, heldout_texts)
     evals, _, eval_bytes = eval_batches(tokenizer, heldout_docs, seq_len=recipe.seq_len,
-                                        batch_size=recipe.eval_batch_size, max_batches=recipe.eval_batches)
+                                        batch_size=recipe.eval_batch_size // hosts, max_batches=recipe.eval_batches)
 
     optimizer = make_optimizer(recipe)
-    state = init_state(init_params(cfg, jax.random.key(seed)), optimizer)
+    jitted = sharded_steps(cfg, optimizer, mesh)
+    with use_mesh(mesh):
+        state = jitted.init(jax.random.key(seed))
     ckpt = Checkpointer(workdir / "checkpoints", keep=recipe.keep_checkpoints)
-    hosts = jax.process_count()
 
-    def data_iterator(global_batch: int, resume_from: dict[str, Any] | None = None):
-        """This host's share of a global batch; the stream position does not depend on the batch size."""
-        if global_batch % hosts:
-            raise TrainingError(f"global batch {global_batch} is not divisible by the {hosts} processes")
-        it = make_train_iterator(tokenizer, train_docs, seq_len=recipe.seq_len, batch_size=global_batch // hosts,
-                                 seed=seed, fim_rate=recipe.fim_rate, split_rate=recipe.split_rate)
+    def data_iterator(size: int, resume_from: dict[str, Any] | None = None):
+        """Global batches of `size` rows; the stream position does not depend on the batch size."""
+        check_batch(size, "batch size")
+        it = make_train_iterator(tokenizer, train_docs, seq_len=recipe.seq_len, batch_size=size, seed=seed,
+                                 fim_rate=recipe.fim_rate, split_rate=recipe.split_rate, shard_index=0, shard_count=1)
         if resume_from is not None:
             it.set_state(resume_from)
         return it
+
+    def next_batch() -> jax.Array:
+        rows = next(data_it)["tokens"]
+        per_host = rows.shape[0] // hosts
+        return global_batch(mesh, rows[host * per_host:(host + 1) * per_host])
 
     batch_size = schedules.batch_size(recipe, 0)
     data_it = data_iterator(batch_size)
@@ -162,21 +205,19 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
         print(f"resumed from {ckpt.directory / str(start)} (step {start}, {tokens:,} tokens)")
     step = int(state.step)
 
-    step_fn = jax.jit(functools.partial(train_step, cfg, optimizer), donate_argnums=0)
     flops_per_token = train_flops_per_token(cfg, recipe.seq_len)
     peak = peak_flops_per_device()
     metrics_out = MetricsWriter(workdir)
-    bar = tqdm(total=steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, disable=not progress or host != 0, unit="step", dynamic_ncols=True)
     last_saved, stopped = start, False
     window_start, window_tokens = time.perf_counter(), 0
     try:
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, use_mesh(mesh):
             while step < steps:
                 if schedules.batch_size(recipe, tokens) != batch_size:   # batch-size ramp
                     batch_size = schedules.batch_size(recipe, tokens)
                     data_it = data_iterator(batch_size, data_it.get_state())
-                batch = jnp.asarray(next(data_it)["tokens"])
-                state, m = step_fn(state, batch, _hyper(recipe, step, tokens))
+                state, m = jitted.train(state, next_batch(), _hyper(recipe, step, tokens))
                 step += 1
                 tokens += batch_size * recipe.seq_len
                 window_tokens += batch_size * recipe.seq_len
@@ -199,7 +240,7 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
                                     vio=f"{record['max_vio']:.2f}")
                     window_start, window_tokens = time.perf_counter(), 0
                 if step % recipe.eval_every == 0 and step != steps:
-                    loss, bpb = evaluate(cfg, state.params, evals, eval_bytes)
+                    loss, bpb = evaluate(jitted.evaluate, mesh, state.params, evals, eval_bytes)
                     metrics_out.write({"step": step, "tokens": tokens, "heldout_loss": loss, "heldout_bpb": bpb})
                 if step % recipe.checkpoint_every == 0 or stop.signal is not None:
                     ckpt.save(step, state, data_it.get_state(), cfg, tokens)
@@ -215,7 +256,8 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
         bar.close()
         ckpt.wait()
         ckpt.close()
-    loss, bpb = evaluate(cfg, state.params, evals, eval_bytes)
+    with use_mesh(mesh):
+        loss, bpb = evaluate(jitted.evaluate, mesh, state.params, evals, eval_bytes)
     metrics_out.write({"step": step, "tokens": tokens, "heldout_loss": loss, "heldout_bpb": bpb})
     metrics_out.close()
     unigram = unigram_loss(train_docs, [b["tokens"][:, 1:] for b in evals], tokenizer.vocab_size)
