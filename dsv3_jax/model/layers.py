@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.ops.fp8 import fp8_matmul
+from dsv3_jax.ops.matmul import matmul
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -60,14 +61,12 @@ class Dense(nn.Module):
         kernel = self.param("kernel", normal_init(self.std, self.axes), (*in_dims, *self.features),
                             dtype_of(self.param_dtype))
         dtype = dtype_of(self.dtype)
-        if self.fp8:
-            k, n = math.prod(in_dims), math.prod(self.features)
-            y = fp8_matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, n), dtype, False, self.kernel_backend)
-            return y.reshape(*x.shape[:x.ndim - self.n_in], *self.features)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
-                                preferred_element_type=jnp.float32)
-        return y.astype(dtype)
+        k, n = math.prod(in_dims), math.prod(self.features)
+        x2, w2 = x.reshape(-1, k), kernel.reshape(k, n)
+        # BF16 GEMMs in the backward too (dsv3_jax.ops.matmul): dot_general(..., f32).astype(bf16) differentiates
+        # into TF32 GEMMs (223 of 606 ms of proxy-1gpu forward + backward on H100, bench/RESULTS.md)
+        y = fp8_matmul(x2.astype(dtype), w2, dtype, False, self.kernel_backend) if self.fp8 else matmul(x2, w2, dtype)
+        return y.reshape(*x.shape[:x.ndim - self.n_in], *self.features)
 
 
 def dense(cfg: ModelConfig, features: int | tuple[int, ...], axes: tuple[str | None, ...], name: str,

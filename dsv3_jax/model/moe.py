@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import SwiGLU, dtype_of, normal_init
 from dsv3_jax.ops.grouped_matmul import for_config as grouped_matmul_for
-from dsv3_jax.parallel.expert_parallel import expert_parallel_experts, mesh_wants_expert_parallel
+from dsv3_jax.ops.permute import dispatch_rows, inverse_permutation, permute_rows
+from dsv3_jax.parallel.expert_parallel import expert_parallel_experts, experts_held, mesh_wants_expert_parallel
 
 
 class Routing(NamedTuple):
@@ -78,13 +79,16 @@ def sort_by_expert(experts: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, j
 
 def swiglu_grouped_experts(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray,
                            routing: Routing, grouped_matmul=jax.lax.ragged_dot) -> jnp.ndarray:
-    """Sorted path: gather token copies by expert, three grouped GEMMs, scatter back, weighted sum. x [N, d]."""
+    """Sorted path: gather token copies by expert, three grouped GEMMs, gather back, weighted sum. x [N, d].
+
+    Both row moves are gathers, forward and backward (`dsv3_jax.ops.permute`): no scatter, no atomics."""
     n, k = routing.experts.shape
     order, sizes = sort_by_expert(routing.experts, w_gate.shape[0])
-    xs = jnp.take(x, order // k, axis=0)                                          # [N*K, d] sorted by expert
+    inverse = inverse_permutation(order)
+    xs = dispatch_rows(x, order, inverse, k)                                      # [N*K, d] sorted by expert
     h = jax.nn.silu(grouped_matmul(xs, w_gate, sizes)) * grouped_matmul(xs, w_up, sizes)
     ys = grouped_matmul(h, w_down, sizes, preferred_element_type=jnp.float32)    # [N*K, d]
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    y = permute_rows(ys, inverse, order).reshape(n, k, -1)                        # back to (token, slot) order
     return jnp.einsum("nk,nkd->nd", routing.weights, y)
 
 
@@ -118,9 +122,10 @@ class MoE(nn.Module):
         dtype = dtype_of(cfg.dtype)
         grouped = cfg.moe_impl == "ragged"
         wdt = pdt if cfg.fp8 and grouped else dtype   # FP8 experts quantize the FP32 master weights
-        w_gate = self.param("w_gate", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
-        w_up = self.param("w_up", normal_init(std, ("exp", "embed", "expert_mlp")), (e, d, f), pdt).astype(wdt)
-        w_down = self.param("w_down", normal_init(std, ("exp", "expert_mlp", "embed")), (e, f, d), pdt).astype(wdt)
+        held = experts_held(e)          # e, or e / ep inside a pipeline stage's shard_map
+        w_gate = self.param("w_gate", normal_init(std, ("exp", "embed", "expert_mlp")), (held, d, f), pdt).astype(wdt)
+        w_up = self.param("w_up", normal_init(std, ("exp", "embed", "expert_mlp")), (held, d, f), pdt).astype(wdt)
+        w_down = self.param("w_down", normal_init(std, ("exp", "expert_mlp", "embed")), (held, f, d), pdt).astype(wdt)
         if grouped and mesh_wants_expert_parallel() and not self.is_initializing():
             routed = expert_parallel_experts(tokens.astype(dtype), routing.experts, routing.weights, w_gate, w_up,
                                              w_down, grouped_matmul=grouped_matmul_for(cfg))

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax.ops.permute import dispatch_rows, inverse_permutation, permute_rows
 from dsv3_jax.parallel.mesh import batch_axes
 
 EXPERT, TENSOR = "expert", "tensor"
@@ -68,7 +69,8 @@ def _local_experts_by_row(recv_counts: jax.Array, n_rows: int) -> jax.Array:
     source i for local expert l; source blocks are contiguous in source order, each ordered by expert."""
     ep, n_local = recv_counts.shape
     ends = jnp.cumsum(recv_counts.reshape(-1))                                    # (source, expert) blocks
-    block = jnp.searchsorted(ends, jnp.arange(n_rows), side="right")              # [r]
+    boundaries = jnp.zeros((n_rows + 1,), jnp.int32).at[ends].add(1, mode="drop")  # a block ends at row i
+    block = jnp.cumsum(boundaries[:n_rows])                                      # [r] blocks ended by row i
     return jnp.where(block < ep * n_local, block % n_local, n_local)
 
 
@@ -85,7 +87,8 @@ def _dispatch_combine(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)                                       # copies sorted by expert
     per_expert = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    xs = jnp.take(x, order // k, axis=0)                                         # [m, d]
+    inv_order = inverse_permutation(order)
+    xs = dispatch_rows(x, order, inv_order, k)                                   # [m, d]
     send_sizes = per_expert.reshape(ep, n_local).sum(1)                           # [ep] rows to device j
     sizes = jax.lax.all_gather(send_sizes, EXPERT)                               # [ep src, ep dst]
     recv_counts = jax.lax.all_to_all(per_expert.reshape(ep, n_local), EXPERT, 0, 0, tiled=True)  # [src, E_l]
@@ -96,7 +99,9 @@ def _dispatch_combine(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     return_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]     # where each source's rows sat in its own sort
 
     block = n * min(k, n_local)                   # most rows one device sends another (module docstring)
-    if ragged:
+    if ep == 1:                                   # one device: every row stays, in place (block = m)
+        exchange = lambda operand, output, *offsets_and_sizes: operand
+    elif ragged:
         exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=EXPERT)
     else:
         exchange = functools.partial(padded_ragged_all_to_all, axis_name=EXPERT, block=block)
@@ -105,15 +110,16 @@ def _dispatch_combine(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
                         remote_offsets, recv_sizes)                              # [r, d] by (source, expert)
     local = _local_experts_by_row(recv_counts, received.shape[0])
     by_expert = jnp.argsort(local, stable=True)
+    inv_by_expert = inverse_permutation(by_expert)
     group_sizes = recv_counts.sum(0)
-    rows = jnp.take(received, by_expert, axis=0)
+    rows = permute_rows(received, by_expert, inv_by_expert)
     h = jax.nn.silu(grouped_matmul(rows, w_gate, group_sizes)) * grouped_matmul(rows, w_up, group_sizes)
     out = grouped_matmul(h, w_down, group_sizes, preferred_element_type=jnp.float32)   # [r, d]
-    out = jnp.zeros_like(out).at[by_expert].set(out)                                   # back to (source, expert)
+    out = permute_rows(out, inv_by_expert, by_expert)                                  # back to (source, expert)
 
     back = exchange(out, jnp.zeros((n * k, out.shape[1]), out.dtype), recv_offsets, recv_sizes,
                     return_offsets, send_sizes)                                  # [m, d] in sorted copy order
-    y = jnp.zeros_like(back).at[order].set(back).reshape(n, k, -1)
+    y = permute_rows(back, inv_order, order).reshape(n, k, -1)
     y = jnp.einsum("nk,nkd->nd", weights, y)
     return jax.lax.psum(y, TENSOR)
 
@@ -123,6 +129,9 @@ def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array
                             exchange: str = "auto") -> jax.Array:
     """Routed experts on the active mesh (`jax.set_mesh`): x [N, d] -> float32 [N, d].
 
+    Inside a shard_map over the whole mesh (pipeline stages) x, the routing and the weights are this
+    device's shards (its tokens, its E / ep experts) and the exchange runs directly.
+
     experts / weights [N, K] are the routing (global expert ids, combine weights); the expert weights
     [E, d, f] / [E, f, d] are split over "expert" (and their f columns over "tensor"); tokens over the
     data-parallel axes. `exchange`: "ragged" (`jax.lax.ragged_all_to_all`), "padded", or "auto" (ragged
@@ -130,6 +139,9 @@ def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array
     """
     mesh = jax.sharding.get_abstract_mesh()
     ragged = jax.default_backend() in ("gpu", "tpu") if exchange == "auto" else exchange == "ragged"
+    if EXPERT in mesh.manual_axes:           # already per device (a pipeline stage): local tokens and experts
+        return _dispatch_combine(x, experts, weights, w_gate, w_up, w_down, grouped_matmul=grouped_matmul,
+                                 ragged=ragged, n_experts=w_gate.shape[0] * mesh.shape[EXPERT])
     rows = P(batch_axes(mesh))
     body = functools.partial(_dispatch_combine, n_experts=w_gate.shape[0], grouped_matmul=grouped_matmul,
                              ragged=ragged)
@@ -138,8 +150,18 @@ def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array
                                    P(EXPERT, TENSOR, None)))(x, experts, weights, w_gate, w_up, w_down)
 
 
-def mesh_wants_expert_parallel() -> bool:
-    """True when traced under a mesh with the expert and tensor axes that no enclosing shard_map has taken."""
+def experts_held(n_experts: int) -> int:
+    """Routed experts whose weights this trace holds: all, or E / ep inside a shard_map that took "expert"."""
     mesh = jax.sharding.get_abstract_mesh()
-    return (not mesh.empty and {EXPERT, TENSOR} <= set(mesh.axis_names)
-            and not set(mesh.manual_axes) & {EXPERT, TENSOR, *batch_axes(mesh)})
+    return n_experts // mesh.shape[EXPERT] if EXPERT in mesh.manual_axes else n_experts
+
+
+def mesh_wants_expert_parallel() -> bool:
+    """True when traced under a mesh with the expert and tensor axes, either all free (the layer opens its
+    own shard_map) or all taken by an enclosing shard_map over the whole mesh (a pipeline stage: x and the
+    expert weights are already this device's shards)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {EXPERT, TENSOR} <= set(mesh.axis_names):
+        return False
+    taken = set(mesh.manual_axes) & {EXPERT, TENSOR, *batch_axes(mesh)}
+    return not taken or taken == {EXPERT, TENSOR, *batch_axes(mesh)}
