@@ -92,6 +92,16 @@ def test_mosaic_gpu_gemm_rejects_partial_tiles():
         gemm_mgpu.scaled_matmul(a, a_s, a, a_s, b_block=1, interpret=True)
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_mosaic_gpu_gemm_config_fits_shared_memory(out_dtype):
+    # an FP32 output (the wgrad GEMMs) doubles the epilogue tiles: the 5-stage default took 235,600 bytes on H100
+    for n in (128, 192):
+        cfg = gemm_mgpu.config_for(4096, n, 7168, out_dtype)
+        assert gemm_mgpu.smem_bytes(cfg, out_dtype) + gemm_mgpu.SMEM_SLACK <= gemm_mgpu.SMEM_LIMIT
+    steps = gemm_mgpu.config_for(4096, 128, 7168, out_dtype).max_concurrent_steps
+    assert steps == (4 if out_dtype == jnp.float32 else gemm_mgpu.DEFAULT_CONFIG.max_concurrent_steps)
+
+
 def test_blockwise_fp8_gemm_checks_operands():
     a, a_s = fp8.quantize(normal(0, (64, 256)))
     with pytest.raises(ValueError, match="b_scale shape"):
@@ -124,10 +134,12 @@ def test_grouped_gemm_fp8():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
+# boundaries inside 128-token tiles; the 300-token group spans 4 of them: masked first / last tiles, unmasked middle
+@pytest.mark.parametrize("sizes", [[0, 100, 1, 0, 140, 59], [0, 30, 300, 0, 1, 69]])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_transposed_grouped_gemm(scaled):
-    m, ka, nb = 300, 96, 160
-    sizes = jnp.asarray([0, 100, 1, 0, 140, 59], jnp.int32)          # boundaries inside 128-token tiles
+def test_transposed_grouped_gemm(scaled, sizes):
+    m, ka, nb = sum(sizes), 96, 160
+    sizes = jnp.asarray(sizes, jnp.int32)
     a, b = normal(0, (m, ka)), normal(1, (m, nb))
     if scaled:
         (at, at_s), (bt, bt_s) = fp8.quantize(a.T), fp8.quantize(b.T)               # 1x128 along the tokens

@@ -34,6 +34,8 @@ from dsv3_jax.kernels.gemm import SCALE_BLOCK, check_scaled_operands
 
 NUM_SMS = 132          # H100 SXM / H200
 FP8_SWIZZLE = 128      # bytes: a 128-wide K block of FP8 is one 128-byte swizzle row
+SMEM_LIMIT = 232448    # bytes of shared memory one CTA may take on H100 / H200 (227 KiB)
+SMEM_SLACK = 2048      # barriers and alignment on top of `smem_bytes` (1104 bytes measured, H100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +70,27 @@ def fits(m: int, n: int, k: int, config: MgpuGemmConfig) -> bool:
     return m % config.cta_m == 0 and n % config.cta_n == 0 and k % SCALE_BLOCK == 0
 
 
-def config_for(m: int, n: int, k: int) -> MgpuGemmConfig | None:
-    """The default configuration that tiles [M, K] x [N, K]^T, or None (the caller then uses the Triton kernel)."""
-    return next((c for c in (DEFAULT_CONFIG, NARROW_CONFIG) if fits(m, n, k, c)), None)
+def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
+    """Shared memory of the kernel's buffers: per pipeline stage a 128-wide K block of a and b (FP8) and
+    their FP32 scales, plus the double-buffered epilogue tiles of both warpgroups (barriers not counted)."""
+    stage = (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+    epilogue = 2 * 2 * min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
+    return config.max_concurrent_steps * stage + epilogue
+
+
+def fit_smem(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> MgpuGemmConfig:
+    """`config` with as many of its pipeline stages as fit in shared memory next to `out_dtype`'s epilogue
+    (an FP32 output doubles the epilogue tiles: the 5-stage default then needs 4)."""
+    while config.max_concurrent_steps > 2 and smem_bytes(config, out_dtype) + SMEM_SLACK > SMEM_LIMIT:
+        config = dataclasses.replace(config, max_concurrent_steps=config.max_concurrent_steps - 1)
+    return config
+
+
+def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
+    """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
+    fit shared memory), or None (the caller then uses the Triton kernel)."""
+    config = next((c for c in (DEFAULT_CONFIG, NARROW_CONFIG) if fits(m, n, k, c)), None)
+    return None if config is None else fit_smem(config, out_dtype)
 
 
 def supports(m: int, n: int, k: int) -> bool:
@@ -167,7 +187,7 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     """
     check_scaled_operands(a, a_scale, b, b_scale, b_block)
     (m, k), n = a.shape, b.shape[0]
-    cfg = config or config_for(m, n, k) or DEFAULT_CONFIG
+    cfg = config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG
     if not fits(m, n, k, cfg):
         raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m}, N % {cfg.cta_n}, K % {SCALE_BLOCK} == 0; "
                          f"got M={m}, N={n}, K={k}")

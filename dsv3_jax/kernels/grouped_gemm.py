@@ -20,7 +20,8 @@ Backend: Pallas on Triton, for the reasons given in `gemm.py` (interpretable on 
 for BF16 and FP8). Measured on H100 (bench/RESULTS.md, 2026-11-24, 32768 tokens): BF16 522-609 TFLOP/s
 forward (best tile) and 545-609 for forward + dgrad + wgrad, ahead of jax's Mosaic GPU `ragged_dot_mgpu`
 (418-509, untuned) and 3-22x `jax.lax.ragged_dot`; FP8 265-330 TFLOP/s forward and 177-183 forward +
-backward (with quantization), held back by the per-128-K promotion as in `gemm.py`. A warp-specialized
+backward (with quantization; measured before the FP8 wgrad got 1.75-1.85x faster, 183-188 TFLOP/s alone,
+by unmasked loads inside each group), held back by the per-128-K promotion as in `gemm.py`. A warp-specialized
 Mosaic GPU version (the structure of `gemm_mgpu` on `tile_table`'s row tiles) is the next step. Offsets are int32: every
 operand must hold fewer than 2^31 elements.
 """
@@ -169,10 +170,10 @@ def _transposed_kernel(start_ref, end_ref, a_ref, b_ref, *refs, ka: int, nb: int
     row_ok = None if ka % bm == 0 else rows < ka
     col_ok = None if nb % bn == 0 else cols < nb
 
-    def body(step, acc):
+    def body(step, acc, masked: bool):
         t0 = (first + step) * bt
         tokens = t0 + jnp.arange(bt)
-        t_ok = (tokens >= start) & (tokens < end)
+        t_ok = (tokens >= start) & (tokens < end) if masked else None
         if tokens_last:
             a = masked_load(a_ref, (pl.ds(pid_m * bm, bm), pl.ds(t0, bt)), row_ok, t_ok)    # [bm, bt]
             b = masked_load(b_ref, (pl.ds(pid_n * bn, bn), pl.ds(t0, bt)), col_ok, t_ok)    # [bn, bt]
@@ -187,7 +188,17 @@ def _transposed_kernel(start_ref, end_ref, a_ref, b_ref, *refs, ka: int, nb: int
         dims = (((1,), (1,)), ((), ())) if tokens_last else (((0,), (0,)), ((), ()))
         return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    masked, acc = functools.partial(body, masked=True), jnp.zeros((bm, bn), jnp.float32)
+    if tokens_last:
+        # Only a group's first and last token tiles can hold other groups' tokens: they load masked, the
+        # tiles between (the software-pipelined loop) unmasked. A mask along the contiguous token axis
+        # splits the FP8 loads into single bytes: 1.75-1.85x faster wgrad on H100 (bench/RESULTS.md).
+        # (Token-major BF16 masks whole rows; splitting its loop measured 8-11% slower.)
+        acc = jax.lax.fori_loop(0, jnp.minimum(steps, 1), masked, acc)
+        acc = jax.lax.fori_loop(1, steps - 1, functools.partial(body, masked=False), acc)
+        acc = jax.lax.fori_loop(jnp.maximum(steps - 1, 1), steps, masked, acc)
+    else:
+        acc = jax.lax.fori_loop(0, steps, masked, acc)
     pltr.store(o_ref.at[group, pl.ds(pid_m * bm, bm), pl.ds(pid_n * bn, bn)], acc.astype(o_ref.dtype),
                mask=tile_mask(row_ok, col_ok))
 
