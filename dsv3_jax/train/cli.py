@@ -37,6 +37,9 @@ flags.DEFINE_integer("process_id", None, "This process's index in [0, num_proces
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dsv3_jax import xla_env
+
+    xla_env.set_defaults()          # before JAX starts a backend
     if FLAGS.distributed:
         import jax
 
