@@ -7,8 +7,9 @@
     dsv3-bench moe_layer                     # expert-parallel MoE layer, EP=1 vs EP=all GPUs, all-to-all GB/s
     dsv3-bench pipeline --schedule dualpipe --pp 8   # draws the schedule (PNG), bubble/params/activations per schedule
     dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
+    dsv3-bench profile --target moe_layer    # device time per kernel (moe_layer, moe_local, train)
 
-Names: gemm, grouped_gemm, train, moe_layer, pipeline, plan. Figures measured on this project's devices:
+Names: gemm, grouped_gemm, train, moe_layer, pipeline, plan, profile. Figures measured on this project's devices:
 dsv3_jax/bench/RESULTS.md.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import sys
 
 from absl import flags
+
+from dsv3_jax import xla_env
 
 # A FlagValues of our own, so these flags never collide with other CLIs imported into one process.
 FLAGS = flags.FlagValues()
@@ -40,6 +43,8 @@ flags.DEFINE_integer("accuracy_steps", 0, "train: also train --accuracy_config t
                      flag_values=FLAGS)
 flags.DEFINE_string("accuracy_config", "small", "train: config of the accuracy comparison.", flag_values=FLAGS)
 flags.DEFINE_string("plot", None, "train: write the accuracy loss curves to this PNG.", flag_values=FLAGS)
+flags.DEFINE_bool("accuracy_control", False, "train: train BF16 twice, the run-to-run noise floor of the comparison.",
+                  flag_values=FLAGS)
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
@@ -60,10 +65,21 @@ flags.DEFINE_string("moe_backend", "auto", "moe_layer: grouped GEMM backend of t
 flags.DEFINE_enum("moe_exchange", "auto", ["auto", "ragged", "padded"], "moe_layer: the all-to-all of the dispatch.",
                   flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "plan")
+flags.DEFINE_enum("target", "moe_layer", ["moe_layer", "moe_local", "train"], "profile: the program to profile.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("top", 25, "profile: ops and kernels reported per target.", flag_values=FLAGS)
+flags.DEFINE_bool("profile_grad", False, "profile: moe_layer / moe_local forward + backward.", flag_values=FLAGS)
+flags.DEFINE_string("layer_fn", None, "profile: module:function replacing the profiled MoE function (a candidate).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("fp8", False, "profile: train target in FP8.", flag_values=FLAGS)
+flags.DEFINE_string("hlo_dir", None, "profile: also write the optimized HLO (gzip) into this folder.",
+                    flag_values=FLAGS)
+
+NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "plan", "profile")
 
 
 def main(argv: list[str]) -> int:
+    xla_env.set_defaults()          # before any benchmark starts a JAX backend (children inherit it)
     try:
         rest = FLAGS(argv)
     except flags.Error as err:
@@ -85,6 +101,11 @@ def main(argv: list[str]) -> int:
         moe_layer.run(FLAGS.out, tokens=FLAGS.tokens_per_gpu, experts_per_device=FLAGS.experts_per_gpu,
                       repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, backend=FLAGS.moe_backend,
                       exchange=FLAGS.moe_exchange)
+    elif name == "profile":
+        from dsv3_jax.bench import profile
+        profile.run(FLAGS.out, FLAGS.target, top=FLAGS.top, grad=FLAGS.profile_grad, backend=FLAGS.moe_backend,
+                    exchange=FLAGS.moe_exchange, layer_fn=FLAGS.layer_fn, config=FLAGS.config, fp8=FLAGS.fp8,
+                    batch=FLAGS.batch, seq=FLAGS.seq, hlo_dir=FLAGS.hlo_dir)
     elif name == "pipeline":
         from dsv3_jax.bench import pipeline
         pipeline.run(FLAGS.schedule, FLAGS.pp, FLAGS.microbatches, FLAGS.png, FLAGS.out)
@@ -95,7 +116,8 @@ def main(argv: list[str]) -> int:
     else:
         from dsv3_jax.bench import train
         train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
-                  FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0)
+                  FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0,
+                  FLAGS.accuracy_control)
     return 0
 
 

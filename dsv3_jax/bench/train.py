@@ -18,6 +18,9 @@ peak), peak GPU memory (allocator peak) and compile time.
 Accuracy (`--accuracy_steps N`): the `small` config trained N steps from one seed on the same batches
 (bytes of the Python standard library's sources, the device's own copy) in BF16 and in FP8 with
 `train_step`; the record holds both loss curves and the relative difference of the smoothed losses.
+`--accuracy_control` trains BF16 a second time: its difference from the first BF16 run is the noise floor
+of the comparison (on GPU, atomics make two identical runs differ from the first steps, and training at
+this batch size and learning rate amplifies any difference).
 """
 
 from __future__ import annotations
@@ -139,6 +142,11 @@ def stdlib_bytes(n: int) -> np.ndarray:
     return np.frombuffer(b"".join(chunks)[:n], np.uint8).astype(np.int32)
 
 
+def precision_name(spec: dict[str, Any]) -> str:
+    """"fp8", "bf16", or "bf16_rerun" (the control run of the accuracy comparison)."""
+    return "fp8" if spec["fp8"] else "bf16_rerun" if spec.get("rerun") else "bf16"
+
+
 def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
     """Train spec["config"] for spec["steps"] steps (train_step, AdamW, FP32 master weights); the loss per step."""
     import jax
@@ -172,7 +180,7 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
         state, metrics = step_fn(state, jnp.asarray(data[i]), hyper)
         losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
-    return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": "fp8" if spec["fp8"] else "bf16",
+    return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": precision_name(spec),
             "losses": losses, "wall_s": time.perf_counter() - t0}
 
 
@@ -184,33 +192,42 @@ def smoothed(x: list[float], window: int = SMOOTH) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
 
 
-def compare_curves(bf16: list[float], fp8: list[float]) -> dict[str, float]:
-    """Relative difference |fp8 - bf16| / bf16 of the smoothed losses: at the end, max and mean after warm-up."""
-    a, b = smoothed(bf16), smoothed(fp8)
-    rel = np.abs(b - a) / a
+def compare_curves(base: list[float], other: list[float]) -> dict[str, float]:
+    """Relative difference |other - base| / base of the smoothed losses: at the end, max and mean after warm-up,
+    and the signed mean (other - base) / base after warm-up (a bias, where the others also count drift)."""
+    a, b = smoothed(base), smoothed(other)
+    signed = (b - a) / a
+    rel = np.abs(signed)
     start = min(len(rel) - 1, 2 * SMOOTH)
     return {"final_rel_diff": float(rel[-1]), "max_rel_diff_after_warmup": float(rel[start:].max()),
-            "mean_rel_diff_after_warmup": float(rel[start:].mean()), "final_loss_bf16": float(a[-1]),
-            "final_loss_fp8": float(b[-1])}
+            "mean_rel_diff_after_warmup": float(rel[start:].mean()),
+            "mean_signed_rel_diff_after_warmup": float(signed[start:].mean()), "final_loss_base": float(a[-1]),
+            "final_loss_other": float(b[-1])}
 
 
-def plot_curves(bf16: list[float], fp8: list[float], path: str, title: str) -> None:
+def plot_curves(curves: dict[str, list[float]], path: str, title: str) -> None:
+    """Loss curves {"bf16": ..., "fp8": ..., optionally "bf16_rerun": ...}; below, each one's difference from BF16."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    steps = np.arange(1, len(bf16) + 1)
-    for name, curve in (("BF16", bf16), ("FP8", fp8)):
-        top.plot(steps, curve, alpha=0.25)
-        top.plot(steps, smoothed(curve), label=f"{name} (moving average {SMOOTH})")
+    base = curves["bf16"]
+    steps = np.arange(1, len(base) + 1)
+    colors = dict(zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for name, curve in curves.items():
+        top.plot(steps, curve, alpha=0.2, color=colors[name])
+        top.plot(steps, smoothed(curve), label=f"{name.upper()} (moving average {SMOOTH})", color=colors[name])
     top.set_ylabel("training loss (nats/token)")
     top.set_title(title)
     top.legend()
-    rel = np.abs(smoothed(fp8) - smoothed(bf16)) / smoothed(bf16) * 100
-    bottom.plot(steps, rel)
-    bottom.axhline(0.25, color="red", linestyle="--", label="0.25% (paper)")
-    bottom.set_ylabel("|FP8 - BF16| / BF16 (%)")
+    for name, curve in curves.items():
+        if name != "bf16":
+            rel = (smoothed(curve) - smoothed(base)) / smoothed(base) * 100
+            bottom.plot(steps, rel, label=f"{name.upper()} - BF16", color=colors[name])
+    for sign in (1, -1):
+        bottom.axhline(sign * 0.25, color="black", linestyle="--", label="±0.25% (paper)" if sign > 0 else None)
+    bottom.set_ylabel("(X - BF16) / BF16 (%)")
     bottom.set_xlabel("step")
     bottom.legend()
     fig.tight_layout()
@@ -232,7 +249,7 @@ def _subprocess(args: list[str], timeout: float) -> tuple[list[dict[str, Any]], 
 
 def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
-        plot: str | None = None, budget_s: float = 3000.0) -> Reporter:
+        plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False) -> Reporter:
     """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
@@ -242,9 +259,9 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
         jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
                                   str(batch), "--seq", str(seq), "--steps", str(steps)]))
     if accuracy_steps:
-        for fp8 in (False, True):
-            spec = dict(config=accuracy_config, fp8=fp8, steps=accuracy_steps, batch=16, seq=256)
-            jobs.append((f"accuracy_{'fp8' if fp8 else 'bf16'}", [*me, "--accuracy", json.dumps(spec)]))
+        for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
+            spec = dict(config=accuracy_config, fp8=fp8, rerun=rerun, steps=accuracy_steps, batch=16, seq=256)
+            jobs.append((f"accuracy_{precision_name(spec)}", [*me, "--accuracy", json.dumps(spec)]))
     for spec in default_specs(config, batch, seq):
         if only == "all" or spec["name"] in only.split(","):
             jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})]))
@@ -261,13 +278,14 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
             rep.emit(**{**r, "name": name})
             if r.get("mode") == "accuracy":
                 curves[r["precision"]] = r["losses"]
-    if len(curves) == 2:
-        cmp = compare_curves(curves["bf16"], curves["fp8"])
-        rep.emit(name="accuracy_summary", config=accuracy_config, steps=accuracy_steps, smooth_window=SMOOTH, **cmp)
+    if "bf16" in curves and "fp8" in curves:
+        for other, name in (("fp8", "accuracy_summary"), ("bf16_rerun", "accuracy_control_bf16_rerun")):
+            if other in curves:
+                rep.emit(name=name, config=accuracy_config, steps=accuracy_steps, smooth_window=SMOOTH,
+                         **compare_curves(curves["bf16"], curves[other]))
         if plot:
             try:
-                    plot_curves(curves["bf16"], curves["fp8"], plot,
-                            f"{accuracy_config}: BF16 vs FP8, {accuracy_steps} steps, same seed and data")
+                plot_curves(curves, plot, f"{accuracy_config}: BF16 vs FP8, {accuracy_steps} steps, same seed and data")
             except ImportError as err:
                 rep.emit(name="plot", error=f"no plot: {err}")
     rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
