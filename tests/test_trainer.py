@@ -192,3 +192,33 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cfg, corpus, tmp_path):
     assert "received SIGTERM" in out and "stopped by signal" in out
     steps = Checkpointer(workdir / "checkpoints").all_steps()
     assert len(steps) == 1 and f"checkpoint: {workdir / 'checkpoints' / str(steps[0])}" in out
+
+
+# pipe=4 x data=2 DualPipe needs an even number >= 8 of micro-batches of 2 rows (one per data shard): batch 16.
+PIPELINE_OVERRIDES = dict(RECIPE_OVERRIDES, batch_size_start=16, batch_size_end=16, batch_size_quantum=16,
+                          eval_batch_size=8)
+
+
+def test_dualpipe_over_pipe4_data2_gives_the_data8_losses(corpus, tmp_path):
+    """`dsv3-train --mesh pipe=4,data=2 --pipeline-schedule dualpipe` against `--mesh data=8`: the same per-step
+    losses and gradient norms (float32), the same held-out loss."""
+    cfg = dsv3_jax.load_config("tiny", vocab_size=512, dtype="float32")
+    recipe = load_recipe("tiny-cpu", **PIPELINE_OVERRIDES)
+    runs = {mesh: train(cfg, recipe, tmp_path / mesh, steps=3, data=corpus, progress=False,
+                        parallel=ParallelConfig.parse(mesh), pipeline_schedule="dualpipe")
+            for mesh in ("pipe=4,data=2", "data=8")}
+    piped, flat = ({r["step"]: r for r in read_metrics(run.workdir) if "loss" in r} for run in runs.values())
+    assert sorted(piped) == sorted(flat) == [1, 2, 3]
+    for step in flat:
+        for key in ("loss", "mtp_loss", "aux_loss", "grad_norm"):
+            np.testing.assert_allclose(piped[step][key], flat[step][key], rtol=2e-5, err_msg=f"step {step} {key}")
+    np.testing.assert_allclose(runs["pipe=4,data=2"].heldout_loss, runs["data=8"].heldout_loss, rtol=2e-5)
+
+
+def test_pipeline_batch_too_small_for_the_schedule_is_named(cfg, corpus, tmp_path):
+    recipe = load_recipe("tiny-cpu", **RECIPE_OVERRIDES)          # batches 4 -> 8: 2 -> 4 micro-batches
+    with pytest.raises(TrainingError, match="dualpipe needs even pp and even n_mb >= 2 pp"):
+        train(cfg, recipe, tmp_path, steps=1, data=corpus, progress=False,
+              parallel=ParallelConfig.parse("pipe=2,data=2"), pipeline_schedule="dualpipe")
+    out, _ = _cli("--pipeline-schedule", "interleaved", "--workdir", str(tmp_path)).communicate(timeout=120)
+    assert "pipeline_schedule" in out and "interleaved" in out

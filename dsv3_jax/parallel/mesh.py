@@ -9,7 +9,8 @@ mesh axes, so a new layout is an edit of this table and the mesh shape, never of
 Two parameter layouts:
     compute  what the forward and backward read: the rules table (replicated over the data axes)
     state    ZeRO-1: FP32 master weights and both Adam moments additionally split over the data-parallel
-             axes ("data", "expert" less the axes a leaf already uses), on the largest dimension they divide
+             axes ("data", "expert" less the axes a leaf already uses) and "pipe", on the largest dimension
+             they divide (with pipe > 1 the pipeline gathers each device's stages from it every step)
 The train step gathers the state layout into the compute layout (all-gather) and reduce-scatters the
 gradients back into the state layout, so each device holds 1 / (data-parallel size) of the optimizer state.
 
@@ -183,9 +184,10 @@ def _used_axes(spec: P) -> set[str]:
 
 
 def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """State layout of one leaf: `spec` plus the data-parallel axes it does not use, on the largest free
-    dimension they divide (else on the largest free dimension one of them divides; else unchanged)."""
-    free_axes = [a for a in batch_axes(mesh) if a not in _used_axes(spec) and mesh.shape[a] > 1]
+    """State layout of one leaf: `spec` plus the data-parallel axes and "pipe" it does not use, on the largest
+    free dimension they divide (else on the largest free dimension one of them divides; else unchanged)."""
+    candidates = (*batch_axes(mesh), *(["pipe"] if "pipe" in mesh.axis_names else []))
+    free_axes = [a for a in candidates if a not in _used_axes(spec) and mesh.shape[a] > 1]
     entries = list(spec) + [None] * (len(shape) - len(spec))
     for axes in ([tuple(free_axes)] if free_axes else []) + [(a,) for a in free_axes]:
         size = math.prod(mesh.shape[a] for a in axes)

@@ -4,6 +4,7 @@
     dsv3-train --config small --recipe tiny-cpu --steps 500 --workdir runs/small
     dsv3-train --config path/to/config.json --data corpus.jsonl --tokenizer path/to/tokenizer_dir
     dsv3-train --mesh data=2,expert=4                                # any mesh over the visible devices
+    dsv3-train --mesh pipe=4,data=2 --pipeline-schedule dualpipe     # pipeline stages over "pipe"
     dsv3-train --distributed --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # one per host
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
+
+from dsv3_jax.parallel.pipeline import SCHEDULES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Model config: a name from dsv3_jax/configs or a path to an HF config.json.")
@@ -27,6 +30,12 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the config's
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("mesh", "", "Mesh axis sizes over all devices, e.g. 'data=2,expert=4' (axes pipe, data, expert, "
                     "tensor; one may be -1 = the remaining devices; default: every device data parallel).")
+flags.DEFINE_enum("pipeline_schedule", "dualpipe", list(SCHEDULES),
+                  "Pipeline schedule when --mesh has pipe > 1 (DualPipe: bidirectional, each device holds stages "
+                  "i and pipe-1-i; it needs an even number of micro-batches >= 2 x pipe).")
+flags.DEFINE_alias("pipeline-schedule", "pipeline_schedule")
+flags.DEFINE_integer("microbatches", 0, "Micro-batches per step with pipe > 1 (0: one sequence per data shard each, "
+                     "batch / data-parallel size: the smallest bubble); must divide the rows of each data shard.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host or GPU); "
                   "unset --coordinator/--num_processes/--process_id come from SLURM, Open MPI or the TPU pod.")
 flags.DEFINE_string("coordinator", None, "host:port of process 0's coordinator service (with --distributed).")
@@ -57,7 +66,8 @@ def main(argv: list[str]) -> int:
         recipe = load_recipe(FLAGS.recipe)
         parallel = ParallelConfig.parse(FLAGS.mesh)
         result = train(cfg, recipe, FLAGS.workdir, steps=FLAGS.steps, seed=FLAGS.seed, data=FLAGS.data,
-                       tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress, parallel=parallel)
+                       tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress, parallel=parallel,
+                       pipeline_schedule=FLAGS.pipeline_schedule, microbatches=FLAGS.microbatches)
     except (ConfigError, RecipeError, DataError, TokenizerError, CheckpointError, TrainingError,
             ParallelConfigError) as err:
         print(f"dsv3-train: error: {err}", file=sys.stderr)

@@ -64,6 +64,13 @@ def batch_size(recipe: Recipe, tokens: int) -> int:
     return recipe.batch_size_start + grown // recipe.batch_size_quantum * recipe.batch_size_quantum
 
 
+def batch_sizes(recipe: Recipe) -> list[int]:
+    """Every batch size `batch_size` can return over the run, smallest first."""
+    span, quantum = recipe.batch_size_end - recipe.batch_size_start, recipe.batch_size_quantum
+    ramp = {recipe.batch_size_start + k * quantum for k in range(span // quantum + 1)} if span > 0 else set()
+    return sorted(ramp | {recipe.batch_size_start, recipe.batch_size_end})
+
+
 def steps_for_tokens(recipe: Recipe, tokens: int) -> int:
     """Optimizer steps until at least `tokens` tokens are seen under the batch-size ramp (host-side)."""
     steps, seen = 0, 0

@@ -26,7 +26,14 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.functional import apply, init_params
-from dsv3_jax.parallel.mesh import ParamLayouts, batch_sharding, param_layouts, train_state_shardings
+from dsv3_jax.parallel import pipeline_exec
+from dsv3_jax.parallel.mesh import (
+    ParamLayouts,
+    batch_sharding,
+    data_parallel_size,
+    param_layouts,
+    train_state_shardings,
+)
 from dsv3_jax.train import balance, losses
 
 
@@ -83,11 +90,17 @@ def _constrain(tree: Any, shardings: Any | None) -> Any:
 
 
 def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState, tokens: jax.Array,
-               hyper: Hyper, layouts: ParamLayouts | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on tokens [batch, seq + 1]. Jit with cfg, optimizer and layouts static."""
-    compute = layouts.compute if layouts else None
-    grad_fn = jax.value_and_grad(lambda p: compute_losses(cfg, _constrain(p, compute), tokens, hyper), has_aux=True)
-    (_, (metrics, loads)), grads = grad_fn(state.params)
+               hyper: Hyper, layouts: ParamLayouts | None = None,
+               value_and_grad: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on tokens [batch, seq + 1]. Jit with cfg, optimizer, layouts and value_and_grad static.
+
+    value_and_grad(params, tokens, hyper) -> ((total, (metrics, loads)), grads) of `compute_losses`; default
+    jax.value_and_grad over the compute layout (a pipeline passes `pipelined_value_and_grad`)."""
+    if value_and_grad is None:
+        compute = layouts.compute if layouts else None
+        value_and_grad = jax.value_and_grad(
+            lambda p, tok, h: compute_losses(cfg, _constrain(p, compute), tok, h), has_aux=True)
+    (_, (metrics, loads)), grads = value_and_grad(state.params, tokens, hyper)
     grads = _constrain(grads, layouts.state if layouts else None)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
@@ -128,17 +141,45 @@ class ShardedSteps(NamedTuple):
     evaluate: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def sharded_steps(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> ShardedSteps:
-    """Jit init, train and eval steps for `mesh`: state in the ZeRO-1 layout, batches over the data axes."""
+def sharded_steps(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                  pipeline_schedule: str = "dualpipe", microbatches: int = 0) -> ShardedSteps:
+    """Jit init, train and eval steps for `mesh`: state in the ZeRO-1 layout, batches over the data axes.
+
+    With pipe > 1 the train step runs `pipeline_schedule` over "pipe" (`dsv3_jax.parallel.pipeline_exec`)
+    in `microbatches` micro-batches (0: one row per data shard each), compiled once per batch size; the
+    optimizer state is also split over "pipe" (ZeRO-1) and evaluation runs unpipelined."""
     make_state = lambda key: init_state(init_params(cfg, key), optimizer)
     abstract = jax.eval_shape(make_state, jax.random.key(0))
     shardings = train_state_shardings(cfg, mesh, optimizer, abstract)
     layouts = param_layouts(cfg, mesh, abstract.params)
     rows, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
+
+    def jit_train(value_and_grad: Callable | None = None) -> Callable:
+        return jax.jit(functools.partial(train_step, cfg, optimizer, layouts=layouts, value_and_grad=value_and_grad),
+                       donate_argnums=0, in_shardings=(shardings, rows, replicated),
+                       out_shardings=(shardings, replicated))
+
+    train = jit_train()
+    if mesh.shape["pipe"] > 1:
+        train = _pipelined_train(cfg, mesh, pipeline_schedule, microbatches, jit_train)
     return ShardedSteps(
         shardings,
         init=jax.jit(make_state, out_shardings=shardings),
-        train=jax.jit(functools.partial(train_step, cfg, optimizer, layouts=layouts), donate_argnums=0,
-                      in_shardings=(shardings, rows, replicated), out_shardings=(shardings, replicated)),
+        train=train,
         evaluate=jax.jit(functools.partial(eval_step, cfg, layouts=layouts), in_shardings=(shardings.params, rows),
                          out_shardings=replicated))
+
+
+def _pipelined_train(cfg: ModelConfig, mesh: Mesh, name: str, microbatches: int,
+                     jit_train: Callable[[Callable], Callable]) -> Callable:
+    """train(state, tokens, hyper) running schedule `name` over "pipe", one jitted step per batch size."""
+    compiled: dict[int, Callable] = {}
+    dp = data_parallel_size(mesh)
+
+    def train(state: TrainState, tokens: jax.Array, hyper: Hyper):
+        batch = tokens.shape[0]
+        if batch not in compiled:
+            schedule = pipeline_exec.schedule_for(name, mesh.shape["pipe"], batch, dp, microbatches)
+            compiled[batch] = jit_train(pipeline_exec.pipelined_value_and_grad(cfg, mesh, schedule))
+        return compiled[batch](state, tokens, hyper)
+    return train

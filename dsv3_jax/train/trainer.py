@@ -39,6 +39,7 @@ from dsv3_jax.data import (
     train_tokenizer,
     unigram_loss,
 )
+from dsv3_jax.parallel import pipeline_exec
 from dsv3_jax.parallel.mesh import (
     ParallelConfig,
     ParallelConfigError,
@@ -136,11 +137,13 @@ def evaluate(step: Any, mesh: Any, params: Any, batches: list[dict[str, np.ndarr
 
 def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int | None = None, seed: int = 0,
           data: str = "builtin", tokenizer_path: str | None = None, progress: bool = True,
-          parallel: ParallelConfig | None = None) -> TrainResult:
+          parallel: ParallelConfig | None = None, pipeline_schedule: str = "dualpipe",
+          microbatches: int = 0) -> TrainResult:
     """Train `cfg` with `recipe` in `workdir` up to `steps` (default: the recipe's), resuming if possible.
 
     `parallel` gives the mesh (default: all devices data parallel); batch sizes must divide over its
-    data-parallel size.
+    data-parallel size. With pipe > 1 each step runs `pipeline_schedule` ("gpipe", "1f1b", "zb1p",
+    "dualpipe") in `microbatches` micro-batches (0: one row per data shard each).
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,9 +153,6 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
         mesh = make_mesh(parallel or ParallelConfig())
     except ParallelConfigError as err:
         raise TrainingError(str(err)) from err
-    if mesh.shape["pipe"] > 1:
-        raise TrainingError(f"dsv3-train does not pipeline: use pipe=1 in --mesh (got {dict(mesh.shape)}); "
-                            "pipeline schedules run through dsv3_jax.parallel.pipeline_exec")
     dp = data_parallel_size(mesh)
 
     def check_batch(size: int, what: str) -> None:
@@ -161,6 +161,14 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
                                 f"{dict(mesh.shape)} and the {hosts} processes; change the recipe or --mesh")
 
     check_batch(recipe.eval_batch_size, "eval_batch_size")
+    if mesh.shape["pipe"] > 1:      # every batch size of the ramp must cut into micro-batches the schedule runs
+        for size in schedules.batch_sizes(recipe):
+            check_batch(size, "batch size")
+            try:
+                pipeline_exec.schedule_for(pipeline_schedule, mesh.shape["pipe"], size, dp, microbatches)
+            except pipeline_exec.PipelineError as err:
+                raise TrainingError(f"mesh {dict(mesh.shape)}, pipeline schedule {pipeline_schedule!r}: "
+                                    f"{err}") from err
     if host == 0:
         (workdir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
         (workdir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
@@ -174,7 +182,7 @@ def train(cfg: ModelConfig, recipe: Recipe, workdir: str | Path, *, steps: int |
                                         batch_size=recipe.eval_batch_size // hosts, max_batches=recipe.eval_batches)
 
     optimizer = make_optimizer(recipe)
-    jitted = sharded_steps(cfg, optimizer, mesh)
+    jitted = sharded_steps(cfg, optimizer, mesh, pipeline_schedule, microbatches)
     with use_mesh(mesh):
         state = jitted.init(jax.random.key(seed))
     ckpt = Checkpointer(workdir / "checkpoints", keep=recipe.keep_checkpoints)
