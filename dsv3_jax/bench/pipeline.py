@@ -1,13 +1,14 @@
 """`dsv3-bench pipeline`: draw one schedule like the DeepSeek-V3 paper's Figure 5 and compare all schedules.
 
 Prints one JSON line per schedule: bubble from the table and from the DualPipe README's formula (at chunk
-times F=1, B=2, W=1, F&B=F+B), bubble share of the step, and parameter / activation multiples per device.
+times F=1, B=2, W=1, F&B=F+B), bubble share of the step, parameter / activation multiples per device, and
+the depth of the executor's received-activation and gradient pools (`pipeline_exec.step_table`).
 """
 
 from __future__ import annotations
 
 from dsv3_jax.bench.timing import Reporter
-from dsv3_jax.parallel import pipeline
+from dsv3_jax.parallel import pipeline, pipeline_exec
 
 COSTS = pipeline.Costs(F=1.0, B=2.0, W=1.0)
 COLORS = {"F": "#f4b183", "B": "#9dc3e6", "W": "#a9d18e", "BW": "#5b9bd5", "FB": "#c9a0dc"}
@@ -51,6 +52,7 @@ def compare(pp: int, n_mb: int, costs: pipeline.Costs = COSTS) -> list[dict]:
     for name in pipeline.SCHEDULES:
         schedule = pipeline.build(name, pp, n_mb)
         bubble = pipeline.bubble(schedule, costs)
+        table = pipeline_exec.step_table(schedule)
         work = n_mb * (costs.F + costs.B)
         rows.append({"schedule": name, "pp": pp, "n_mb": n_mb,
                      "costs": dict(costs._asdict()), "bubble": bubble,
@@ -58,7 +60,8 @@ def compare(pp: int, n_mb: int, costs: pipeline.Costs = COSTS) -> list[dict]:
                      "bubble_share": round(bubble / (bubble + work), 4),
                      "params_per_device": f"{pipeline.PARAMS_PER_DEVICE[name]}x",
                      "activations_per_device": pipeline.peak_activations(schedule),
-                     "lockstep_steps": int(max(e for dev in pipeline.simulate(schedule) for _, e in dev))})
+                     "executor_act_slots": table.act_slots, "executor_grad_slots": table.grad_slots,
+                     "lockstep_steps": table.rows.shape[0]})
     return rows
 
 
