@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from dsv3_jax.bench import profile, train
 
@@ -22,3 +23,13 @@ def test_profile_moe_programs_run_on_cpu():
         with context:
             grads = jax.block_until_ready(fn(*args))
         assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+def test_pipeline_step_bench_runs_pipe2_against_pipe1_with_equal_losses():
+    from dsv3_jax.bench import pipeline_step
+
+    records = pipeline_step.run("tiny", "dualpipe", pp=2, n_mb=4, seq=8, steps=1)
+    one, two, summary = records
+    assert (one["pipe"], two["pipe"]) == (1, 2) and one["step_s"] > 0 and two["step_s"] > 0
+    assert summary["loss_difference"] < 1e-2 and summary["bubble_share_schedule"] == 0.0   # (pp/2 - 1) = 0
+    assert summary["bubble_share_measured"] == pytest.approx(1 - one["step_s"] / (2 * two["step_s"]))

@@ -6,11 +6,12 @@
     dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
     dsv3-bench moe_layer                     # expert-parallel MoE layer, EP=1 vs EP=all GPUs, all-to-all GB/s
     dsv3-bench pipeline --schedule dualpipe --pp 8   # draws the schedule (PNG), bubble/params/activations per schedule
+    dsv3-bench pipeline_step --config proxy-1gpu --schedule dualpipe   # pipe=all GPUs vs pipe=1: time, bubble
     dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
     dsv3-bench profile --target moe_layer    # device time per kernel (moe_layer, moe_local, train)
 
-Names: gemm, grouped_gemm, train, moe_layer, pipeline, plan, profile. Figures measured on this project's devices:
-dsv3_jax/bench/RESULTS.md.
+Names: gemm, grouped_gemm, train, moe_layer, pipeline, pipeline_step, plan, profile. Figures measured on this
+project's devices: dsv3_jax/bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ flags.DEFINE_string("layouts", "all", "grouped_gemm: 'all' or some of 8x4096,4x8
 flags.DEFINE_string("nk", "all", "grouped_gemm: 'all' or comma-separated NxK.", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm: calls per timed batch (default 4 / 2).",
                      flag_values=FLAGS)
-flags.DEFINE_string("config", "proxy-1gpu", "train: model config.", flag_values=FLAGS)
-flags.DEFINE_integer("batch", 2, "train: sequences per step (train_step runs use half).", flag_values=FLAGS)
+flags.DEFINE_string("config", "proxy-1gpu", "train / profile / pipeline_step: model config.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "train: sequences per step (train_step runs use half); pipeline_step: sequences "
+                     "per micro-batch (default 1).", flag_values=FLAGS)
 flags.DEFINE_integer("seq", 4096, "train: tokens per sequence.", flag_values=FLAGS)
-flags.DEFINE_integer("steps", 5, "train: timed steps per measurement (after 2 warm-up steps).", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "train / pipeline_step: timed steps per measurement (after warm-up).",
+                     flag_values=FLAGS)
 flags.DEFINE_bool("peer", True, "train: also run HF transformers' DeepseekV3 (PyTorch) on the config.",
                   flag_values=FLAGS)
 flags.DEFINE_string("only", "all", "train: 'all', 'none' or some of jax_bf16_fwd_bwd, jax_fp8_fwd_bwd, "
@@ -48,11 +51,12 @@ flags.DEFINE_bool("accuracy_control", False, "train: train BF16 twice, the run-t
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
-flags.DEFINE_string("schedule", "dualpipe", "pipeline: the schedule to draw (gpipe, 1f1b, zb1p, dualpipe).",
+flags.DEFINE_string("schedule", "dualpipe", "pipeline / pipeline_step: the schedule (gpipe, 1f1b, zb1p, dualpipe).",
                     flag_values=FLAGS)
-flags.DEFINE_integer("pp", 8, "pipeline: pipeline stages.", flag_values=FLAGS)
-flags.DEFINE_integer("microbatches", None, "pipeline / plan: micro-batches per step (default 2 x pp + 4 / 2 x pp + 4).",
+flags.DEFINE_integer("pp", None, "pipeline / pipeline_step: pipeline stages (default 8 / every device).",
                      flag_values=FLAGS)
+flags.DEFINE_integer("microbatches", None, "pipeline / plan / pipeline_step: micro-batches per step (default "
+                     "2 x pp + 4 / 2 x pp + 4 / 2 x pp).", flag_values=FLAGS)
 flags.DEFINE_string("png", None, "pipeline: where to draw the schedule (default pipeline_<schedule>_pp<pp>.png).",
                     flag_values=FLAGS)
 flags.DEFINE_string("mesh", "pipe=16,expert=64,data=2", "plan: the mesh, axis=size,...", flag_values=FLAGS)
@@ -75,7 +79,7 @@ flags.DEFINE_bool("fp8", False, "profile: train target in FP8.", flag_values=FLA
 flags.DEFINE_string("hlo_dir", None, "profile: also write the optimized HLO (gzip) into this folder.",
                     flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "plan", "profile")
+NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "pipeline_step", "plan", "profile")
 
 
 def main(argv: list[str]) -> int:
@@ -108,7 +112,12 @@ def main(argv: list[str]) -> int:
                     batch=FLAGS.batch, seq=FLAGS.seq, hlo_dir=FLAGS.hlo_dir)
     elif name == "pipeline":
         from dsv3_jax.bench import pipeline
-        pipeline.run(FLAGS.schedule, FLAGS.pp, FLAGS.microbatches, FLAGS.png, FLAGS.out)
+        pipeline.run(FLAGS.schedule, FLAGS.pp or 8, FLAGS.microbatches, FLAGS.png, FLAGS.out)
+    elif name == "pipeline_step":
+        from dsv3_jax.bench import pipeline_step
+        pipeline_step.run(FLAGS.config, FLAGS.schedule, FLAGS.pp, FLAGS.microbatches,
+                          rows=FLAGS.batch if FLAGS["batch"].present else 1, seq=FLAGS.seq, steps=FLAGS.steps,
+                          out=FLAGS.out)
     elif name == "plan":
         from dsv3_jax.bench import plan
         config = FLAGS.config if FLAGS["config"].present else "deepseek-v3-671b"
