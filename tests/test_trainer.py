@@ -222,3 +222,5 @@ def test_pipeline_batch_too_small_for_the_schedule_is_named(cfg, corpus, tmp_pat
               parallel=ParallelConfig.parse("pipe=2,data=2"), pipeline_schedule="dualpipe")
     out, _ = _cli("--pipeline-schedule", "interleaved", "--workdir", str(tmp_path)).communicate(timeout=120)
     assert "pipeline_schedule" in out and "interleaved" in out
+    out, _ = _cli("--help").communicate(timeout=120)
+    assert "--pipeline_schedule: <gpipe|1f1b|zb1p|dualpipe>" in out and "--microbatches" in out and "--mesh" in out

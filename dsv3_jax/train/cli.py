@@ -90,5 +90,8 @@ def _quiet_main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`--help`: this module's docstring and flags; `--helpfull`: every flag)."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(f"{__doc__}\n{FLAGS.module_help(__name__)}")
+        sys.exit(0)
     app.run(_quiet_main)
