@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax
-from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm
+from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm, grouped_gemm_mgpu
 from dsv3_jax.kernels.gemm import GemmConfig
 from dsv3_jax.ops import fp8
 from dsv3_jax.ops.attention import mla_flash_attention
@@ -134,6 +134,77 @@ def test_grouped_gemm_fp8():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
+                    reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
+@pytest.mark.parametrize("sizes", [[0, 100, 0, 140, 1, 59], [200, 0, 128, 5]])   # straddled tiles, empty groups
+def test_mosaic_gpu_grouped_fp8_gemm(sizes):
+    m, k, n = 384, 384, 256               # three 128-row tiles, three K blocks; sum(sizes) < m: zero tail rows
+    sizes = jnp.asarray(sizes, jnp.int32)
+    xq, xs = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    wq, ws = fp8.quantize(normal(2, (len(sizes), n, k)) * jnp.exp(normal(3, (1, 1, k))), fp8.WEIGHT_BLOCK)
+    out = grouped_gemm.grouped_matmul(xq, wq, sizes, xs, ws, transpose_rhs=True, out_dtype=jnp.float32,
+                                      config=grouped_gemm_mgpu.DEFAULT_CONFIG, interpret=INTERPRET)
+    ref = fp8.scaled_grouped_matmul(xq, xs, wq, ws, sizes, out_dtype=jnp.float32, backend="xla")
+    assert np.isfinite(np.asarray(out)).all()             # every row written (interpret mode starts from NaN)
+    assert np.all(np.asarray(out[int(sizes.sum()):]) == 0)
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
+@pytest.mark.skipif(INTERPRET, reason="the Mosaic GPU interpreter lacks WGMMA with A in registers")
+@pytest.mark.parametrize("sizes", [[0, 100, 1, 0, 140, 59, 84], [0, 30, 300, 0, 1, 53]])
+def test_mosaic_gpu_grouped_fp8_wgrad(sizes):
+    """Group boundaries inside 128-token blocks (masked in registers); the 300-token group spans 4 blocks."""
+    m, ka, nb = sum(sizes), 128, 256
+    sizes = jnp.asarray(sizes, jnp.int32)
+    (at, at_s), (bt, bt_s) = fp8.quantize(normal(0, (ka, m))), fp8.quantize(normal(1, (nb, m)))
+    out = grouped_gemm.transposed_grouped_matmul(at, bt, sizes, at_s, bt_s, tokens_last=True,
+                                                 config=grouped_gemm_mgpu.DEFAULT_CONFIG)
+    ref = fp8.scaled_grouped_wgrad(at, at_s, bt, bt_s, sizes, backend="xla")
+    assert np.all(np.asarray(out)[np.asarray(sizes) == 0] == 0)
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
+def test_mosaic_gpu_grouped_store_segments_cover_each_row_once():
+    """The power-of-two TMA stores of the Mosaic grouped kernel write exactly rows [start, start + count)."""
+    rows = 64
+    start, count = np.meshgrid(np.arange(rows + 1), np.arange(rows + 1), indexing="ij")
+    keep = start + count <= rows
+    start, count = jnp.asarray(start[keep]), jnp.asarray(count[keep])
+    written = np.zeros((start.shape[0], rows), np.int32)
+    for size, offset, on in grouped_gemm_mgpu.store_segments(start, count, rows):
+        offset, on = np.asarray(offset), np.asarray(on)
+        assert np.all(offset[on] + size <= rows)
+        for i in np.flatnonzero(on):
+            written[i, offset[i]:offset[i] + size] += 1
+    want = (np.arange(rows) >= np.asarray(start)[:, None]) & (np.arange(rows) < np.asarray(start + count)[:, None])
+    np.testing.assert_array_equal(written, want.astype(np.int32))
+
+
+def test_grouped_gemm_kernel_choice(monkeypatch):
+    mosaic = grouped_gemm_mgpu.DEFAULT_CONFIG
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert grouped_gemm.default_config(True, 65536, 2048, 7168) == grouped_gemm.DEFAULT_FP8    # not on a GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert grouped_gemm.default_config(True, 65536, 2048, 7168) == mosaic
+    assert grouped_gemm.default_config(True, 65536, 2048, 7168, interpret=True) == grouped_gemm.DEFAULT_FP8
+    assert grouped_gemm.default_config(True, 150, 2048, 7168) == grouped_gemm.DEFAULT_FP8     # partial row tile
+    assert grouped_gemm.default_config(False, 65536, 2048, 7168) == grouped_gemm.DEFAULT_BF16
+    assert grouped_gemm.default_wgrad_config(True, 65536, 7168, 2048) == mosaic
+    assert grouped_gemm.default_wgrad_config(True, 65500, 7168, 2048) == grouped_gemm.DEFAULT_FP8   # partial block
+    assert grouped_gemm.default_wgrad_config(False, 65536, 7168, 2048) == grouped_gemm.DEFAULT_BF16
+    for out_dtype, stages in ((jnp.bfloat16, mosaic.max_concurrent_steps), (jnp.float32, 4)):
+        cfg = grouped_gemm_mgpu.fit_smem(mosaic, out_dtype)
+        assert cfg.max_concurrent_steps == stages
+        assert grouped_gemm_mgpu.smem_bytes(cfg, out_dtype) + gemm_mgpu.SMEM_SLACK <= gemm_mgpu.SMEM_LIMIT
+    x = jnp.zeros((256, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="FP8 only"):
+        grouped_gemm.grouped_matmul(x, x[None], jnp.asarray([256]), transpose_rhs=True, config=mosaic)
+    xq, xs = fp8.quantize(normal(0, (200, 256)))
+    with pytest.raises(ValueError, match="needs M % 128"):
+        grouped_gemm.grouped_matmul(xq, xq[None, :128], jnp.asarray([200]), xs, xs[None, :1], transpose_rhs=True,
+                                    config=mosaic, interpret=True)
+
+
 # boundaries inside 128-token tiles; the 300-token group spans 4 of them: masked first / last tiles, unmasked middle
 @pytest.mark.parametrize("sizes", [[0, 100, 1, 0, 140, 59], [0, 30, 300, 0, 1, 69]])
 @pytest.mark.parametrize("scaled", [False, True])
@@ -172,6 +243,23 @@ def test_grouped_matmul_gradients_pallas_vs_xla(use_fp8):
     for got, want in zip(grads["pallas"], grads["xla"], strict=True):
         assert got.dtype == want.dtype
         assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) < (1e-5 if use_fp8 else 1e-2)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the default kernels are the Mosaic GPU ones only on a GPU")
+def test_fp8_grouped_matmul_gradients_on_mosaic_kernels():
+    """Whole 128-row tiles: the FP8 VJP's forward, dgrad and wgrad take the Mosaic GPU kernels by default."""
+    m, k, n = 384, 256, 256
+    sizes = jnp.asarray([100, 0, 200, 84], jnp.int32)
+    assert grouped_gemm.default_config(True, m, n, k) == grouped_gemm_mgpu.DEFAULT_CONFIG
+    assert grouped_gemm.default_wgrad_config(True, m, k, n) == grouped_gemm_mgpu.DEFAULT_CONFIG
+    x, w, dy = normal(0, (m, k)), normal(1, (4, k, n)) * 0.05, normal(2, (m, n))
+    grads = {}
+    for backend in ("xla", "pallas"):
+        f = lambda x, w, backend=backend: grouped_matmul(x, w, sizes, jnp.float32, fp8=True, backend=backend)
+        out, vjp = jax.vjp(f, x, w)
+        grads[backend] = (out, *vjp(dy))
+    for got, want in zip(grads["pallas"], grads["xla"], strict=True):   # FP8 WGMMA sums with ~14 bits (see above)
+        assert rel(got, want) < 1e-3
 
 
 def test_flash_attention_matches_reference():

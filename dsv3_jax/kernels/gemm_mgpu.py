@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +41,16 @@ SMEM_SLACK = 2048      # barriers and alignment on top of `smem_bytes` (1104 byt
 
 
 @dataclasses.dataclass(frozen=True)
-class MgpuGemmConfig:
-    """Per-warpgroup tile (tile_m x tile_n); the CTA holds two, stacked along `wg_dim` ("m" or "n")."""
+class WarpgroupTiles:
+    """Per-warpgroup tile (tile_m x tile_n); the CTA holds two, stacked along `wg_dim` ("m" or "n"), and keeps
+    `max_concurrent_steps` 128-wide K blocks in flight; CTAs walk output tiles in planar-snake bands of
+    `grid_tile_width`."""
 
     tile_m: int = 64
     tile_n: int = 128
     wg_dim: str = "m"
     max_concurrent_steps: int = 5
     grid_tile_width: int = 8
-    grid_minor_dim: str = "n"
-    epi_tile_n: int = 64
 
     @property
     def cta_m(self) -> int:
@@ -59,13 +61,21 @@ class MgpuGemmConfig:
         return self.tile_n * (2 if self.wg_dim == "n" else 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class MgpuGemmConfig(WarpgroupTiles):
+    """The dense kernel's tiles, plus the snake's minor dimension and the epilogue's column tile."""
+
+    grid_minor_dim: str = "n"
+    epi_tile_n: int = 64
+
+
 # Measured fastest on H100 (bench/RESULTS.md): 64x128 per warpgroup, CTA 128x128, 5 pipeline stages; wider
 # per-warpgroup tiles (128x128) need a second 128-register FP32 tile for the promotion and spill.
 DEFAULT_CONFIG = MgpuGemmConfig()
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multiple of 64 but not of 128 (e.g. 2112)
 
 
-def fits(m: int, n: int, k: int, config: MgpuGemmConfig) -> bool:
+def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
     """Whether `config` tiles these sizes (whole CTA tiles along M and N, whole 128-wide K blocks)."""
     return m % config.cta_m == 0 and n % config.cta_n == 0 and k % SCALE_BLOCK == 0
 
@@ -78,10 +88,13 @@ def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
     return config.max_concurrent_steps * stage + epilogue
 
 
-def fit_smem(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> MgpuGemmConfig:
-    """`config` with as many of its pipeline stages as fit in shared memory next to `out_dtype`'s epilogue
-    (an FP32 output doubles the epilogue tiles: the 5-stage default then needs 4)."""
-    while config.max_concurrent_steps > 2 and smem_bytes(config, out_dtype) + SMEM_SLACK > SMEM_LIMIT:
+def fit_smem(config: WarpgroupTiles, out_dtype: jnp.dtype,
+             smem: Callable[[Any, jnp.dtype], int] | None = None) -> Any:
+    """`config` with as many of its pipeline stages as fit in shared memory next to `out_dtype`'s output tiles,
+    by `smem(config, out_dtype)` (default: this kernel's `smem_bytes`; an FP32 output doubles the epilogue
+    tiles: the 5-stage default then needs 4)."""
+    smem = smem or smem_bytes
+    while config.max_concurrent_steps > 2 and smem(config, out_dtype) + SMEM_SLACK > SMEM_LIMIT:
         config = dataclasses.replace(config, max_concurrent_steps=config.max_concurrent_steps - 1)
     return config
 
@@ -98,30 +111,59 @@ def supports(m: int, n: int, k: int) -> bool:
     return config_for(m, n, k) is not None
 
 
+def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compute_context: Callable[..., Any],
+               steps: int | jax.Array, first_block: int | jax.Array = 0) -> Any:
+    """The warp-specialized K pipeline over `steps` 128-wide K blocks from block `first_block` on: per step
+    a [cta_m, 128] block of a, [cta_n, 128] of b (FP8, K-major) and their FP32 scales [1, cta_m], [1, cta_n],
+    `stages` steps in flight, a memory warpgroup feeding two math warpgroups."""
+    fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=stages, compute_context=compute_context,
+        in_specs=[
+            plgpu.BlockSpec((cfg.cta_m, SCALE_BLOCK), lambda kb: (0, first_block + kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((cfg.cta_n, SCALE_BLOCK), lambda kb: (0, first_block + kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((1, cfg.cta_m), lambda kb: (first_block + kb, 0)),
+            plgpu.BlockSpec((1, cfg.cta_n), lambda kb: (first_block + kb, 0)),
+        ],
+    )
+
+
+def promote(a: Any, b_smem: Any, as_smem: Any, bs_smem: Any, acc: jax.Array, wg_rows: pl.Slice, wg_cols: pl.Slice,
+            tile_m: int, tile_n: int) -> jax.Array:
+    """acc + (a . b^T) * a_scale (x) b_scale for one K block: FP8 WGMMAs into a fresh FP32 tile, then the scaled
+    add (a: this warpgroup's rows of the a block in shared memory, or in registers)."""
+    def mma(part_ref):
+        plgpu.wgmma(part_ref, a, plgpu.transpose_ref(b_smem.at[wg_cols], (1, 0)))
+        return part_ref[...]
+
+    part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
+    sa, sb = as_smem[0, wg_rows], bs_smem[0, wg_cols]
+    shape = (tile_m, tile_n)
+    return acc + part * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+
+
+def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
+    """A zero FP32 accumulator tile in the WGMMA register layout."""
+    zeros = jnp.zeros((tile_m, tile_n), jnp.float32)
+    if not interpret:           # the interpreter has no layouts (and no lowering of layout_cast)
+        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+    return zeros
+
+
 def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, interpret: bool):
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SCALE_BLOCK
-    fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
     epi_n = min(cfg.epi_tile_n, tile_n)
     out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=cfg.max_concurrent_steps, compute_context=compute_context,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-                plgpu.BlockSpec((cta_n, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-                plgpu.BlockSpec((1, cta_m), lambda kb: (kb, 0)),
-                plgpu.BlockSpec((1, cta_n), lambda kb: (kb, 0)),
-            ],
-        )
+    pipeline = functools.partial(k_pipeline, cfg, cfg.max_concurrent_steps, steps=k_iters)
 
     ignore = lambda *_, **__: None
 
@@ -144,20 +186,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
             wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
 
             def body(_, a_smem, b_smem, as_smem, bs_smem, acc):
-                def mma(part_ref):
-                    plgpu.wgmma(part_ref, a_smem.at[wg_rows], plgpu.transpose_ref(b_smem.at[wg_cols], (1, 0)))
-                    return part_ref[...]
-
-                part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-                sa, sb = as_smem[0, wg_rows], bs_smem[0, wg_cols]
-                shape = (tile_m, tile_n)
-                return acc + part * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+                return promote(a_smem.at[wg_rows], b_smem, as_smem, bs_smem, acc, wg_rows, wg_cols, tile_m, tile_n)
 
             def compute_context(eval_pipeline):
-                zeros = jnp.zeros((tile_m, tile_n), jnp.float32)
-                if not interpret:           # the interpreter has no layouts (and no lowering of layout_cast)
-                    zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                acc = eval_pipeline(zeros).astype(out_dtype)
+                acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for ei in range(tile_m // epi_m):
                     for ej in range(tile_n // epi_n):

@@ -16,14 +16,15 @@ of groups and empty ones. At most cdiv(M, block_m) + G row tiles exist; surplus 
 FP8 token tiles of `transposed_grouped_matmul` are the global 128-row tiles of the quantization, masked to
 the group's rows.
 
-Backend: Pallas on Triton, for the reasons given in `gemm.py` (interpretable on CPU; Triton emits WGMMA
-for BF16 and FP8). Measured on H100 (bench/RESULTS.md, 2026-11-24, 32768 tokens): BF16 522-609 TFLOP/s
-forward (best tile) and 545-609 for forward + dgrad + wgrad, ahead of jax's Mosaic GPU `ragged_dot_mgpu`
-(418-509, untuned) and 3-22x `jax.lax.ragged_dot`; FP8 265-330 TFLOP/s forward and 177-183 forward +
-backward (with quantization; measured before the FP8 wgrad got 1.75-1.85x faster, 183-188 TFLOP/s alone,
-by unmasked loads inside each group), held back by the per-128-K promotion as in `gemm.py`. A warp-specialized
-Mosaic GPU version (the structure of `gemm_mgpu` on `tile_table`'s row tiles) is the next step. Offsets are int32: every
-operand must hold fewer than 2^31 elements.
+Backends: Pallas on Triton, for the reasons given in `gemm.py` (interpretable on CPU; Triton emits WGMMA
+for BF16 and FP8), and for FP8 on a GPU the warp-specialized Mosaic GPU kernels of `grouped_gemm_mgpu`
+(`default_config`, `default_wgrad_config`: where their tiles fit; a `config` picks either explicitly).
+Measured on H100 (bench/RESULTS.md run 5, 32768 tokens): BF16 (Triton) 513-614 TFLOP/s forward (best tile),
+430-544 wgrad, 603 for forward + dgrad + wgrad on 8 x 4096 tokens (4096 x 7168), ahead of jax's Mosaic GPU
+`ragged_dot_mgpu` (405-514, untuned) and 3-41x `jax.lax.ragged_dot`. FP8: Triton 271-330 forward and
+194-285 wgrad, held back by the per-128-K promotion as in `gemm.py`; Mosaic 714-993 forward and 514-740
+wgrad, so that FP8 forward + dgrad + wgrad (with its quantizations) runs at 566 TFLOP/s against BF16's 603
+(run 1, all Triton: 183). Offsets are int32: every operand must hold fewer than 2^31 elements.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from dsv3_jax.kernels import grouped_gemm_mgpu
 from dsv3_jax.kernels.gemm import (
     SCALE_BLOCK,
     GemmConfig,
@@ -44,6 +46,7 @@ from dsv3_jax.kernels.gemm import (
     swizzle,
     tile_mask,
 )
+from dsv3_jax.kernels.grouped_gemm_mgpu import MgpuGroupedConfig
 
 # Defaults: the fastest tiles measured on H100 (dsv3_jax/bench/RESULTS.md): BF16 128x256x64 / 8 warps / 3
 # stages (597 TFLOP/s on 8 x 4096 tokens, 7168 -> 4096, against 527 for 128x128x64); FP8 128x128x128 / 8 warps
@@ -73,8 +76,6 @@ def tile_table(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array,
     lo = jnp.where(valid, jnp.maximum(starts[group], block * block_m), 0)
     hi = jnp.where(valid, jnp.minimum(ends[group], block * block_m + block_m), 0)
     return group, lo.astype(jnp.int32), hi.astype(jnp.int32)
-
-
 
 
 def _grouped_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, *refs, m: int, n: int, k: int, n_groups: int,
@@ -115,15 +116,24 @@ def _grouped_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, *refs, m: int, 
     pltr.store(o_ref.at[pl.ds(row0, bm), pl.ds(pid_n * bn, bn)], acc.astype(o_ref.dtype), mask=tile_mask(mine, col_ok))
 
 
+def default_config(scaled: bool, m: int, n: int, k: int, interpret: bool = False) -> GemmConfig | MgpuGroupedConfig:
+    """The kernel and tile `grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic GPU kernel
+    where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), everything else the Triton kernel."""
+    if scaled and not interpret and jax.default_backend() == "gpu" and grouped_gemm_mgpu.supports(m, n, k):
+        return grouped_gemm_mgpu.DEFAULT_CONFIG
+    return DEFAULT_FP8 if scaled else DEFAULT_BF16
+
+
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "b_block", "out_dtype", "config", "interpret"))
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, lhs_scale: jax.Array | None = None,
                    rhs_scale: jax.Array | None = None, *, transpose_rhs: bool = False, b_block: int = 128,
-                   out_dtype: jnp.dtype = jnp.bfloat16, config: GemmConfig | None = None,
+                   out_dtype: jnp.dtype = jnp.bfloat16, config: GemmConfig | MgpuGroupedConfig | None = None,
                    interpret: bool = False) -> jax.Array:
     """lhs [M, K] rows sorted by group, rhs [G, K, N] or [G, N, K] (transpose_rhs), group_sizes [G] -> [M, N].
 
     FP8 (lhs and rhs float8_e4m3fn, transpose_rhs=True): lhs_scale [M, Kb] per row per 128 K, rhs_scale
-    [G, ceil(N / b_block), Kb] per `b_block` rows of each rhs[g] [N, K] per 128 K.
+    [G, ceil(N / b_block), Kb] per `b_block` rows of each rhs[g] [N, K] per 128 K. `config`: a GemmConfig
+    runs the Triton kernel, an MgpuGroupedConfig (FP8 only) the Mosaic GPU one, None `default_config`'s.
     """
     scaled = lhs_scale is not None
     if scaled != (rhs_scale is not None):
@@ -136,7 +146,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, lhs_s
     if k != k2 or group_sizes.shape != (n_groups,):
         raise ValueError(f"shapes do not fit: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
                          f"group_sizes {group_sizes.shape}")
-    cfg = config or (DEFAULT_FP8 if scaled else DEFAULT_BF16)
+    cfg = config or default_config(scaled, m, n, k, interpret)
+    if isinstance(cfg, MgpuGroupedConfig):
+        if not scaled:
+            raise ValueError("the Mosaic GPU grouped GEMM is FP8 only")
+        return grouped_gemm_mgpu.scaled_grouped_matmul(
+            tile_table(group_sizes, m, cfg.cta_m), lhs, lhs_scale, rhs, rhs_scale, b_block=b_block,
+            out_dtype=out_dtype, config=cfg, interpret=interpret)
     if SCALE_BLOCK % cfg.block_k:
         raise ValueError(f"block_k={cfg.block_k} must divide {SCALE_BLOCK}")
     table = tile_table(group_sizes, m, cfg.block_m)
@@ -203,16 +219,28 @@ def _transposed_kernel(start_ref, end_ref, a_ref, b_ref, *refs, ka: int, nb: int
                mask=tile_mask(row_ok, col_ok))
 
 
+def default_wgrad_config(scaled: bool, m: int, ka: int, nb: int,
+                         interpret: bool = False) -> GemmConfig | MgpuGroupedConfig:
+    """The kernel and tile `transposed_grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic
+    GPU kernel where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), the rest the Triton one."""
+    if scaled and not interpret and jax.default_backend() == "gpu" and grouped_gemm_mgpu.supports_wgrad(m, ka, nb):
+        return grouped_gemm_mgpu.DEFAULT_CONFIG
+    return DEFAULT_FP8 if scaled else DEFAULT_BF16
+
+
 @functools.partial(jax.jit, static_argnames=("tokens_last", "out_dtype", "config", "interpret"))
 def transposed_grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, a_scale: jax.Array | None = None,
                               b_scale: jax.Array | None = None, *, tokens_last: bool = False,
-                              out_dtype: jnp.dtype = jnp.float32, config: GemmConfig | None = None,
+                              out_dtype: jnp.dtype = jnp.float32,
+                              config: GemmConfig | MgpuGroupedConfig | None = None,
                               interpret: bool = False) -> jax.Array:
     """out[g] = a_g^T b_g [G, Ka, Nb] over the rows of group g.
 
     a [M, Ka], b [M, Nb] (token-major), or with tokens_last a [Ka, M], b [Nb, M].
 
     FP8 (tokens_last=True): a_scale [Ka, Mb], b_scale [Nb, Mb], one float32 per 128 tokens, Mb = ceil(M / 128).
+    `config`: a GemmConfig runs the Triton kernel, an MgpuGroupedConfig (FP8 only) the Mosaic GPU one, None
+    `default_wgrad_config`'s.
     """
     scaled = a_scale is not None
     if scaled != (b_scale is not None):
@@ -222,7 +250,12 @@ def transposed_grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array
     (ka, m), (nb, m2) = (a.shape, b.shape) if tokens_last else (a.shape[::-1], b.shape[::-1])
     if m != m2:
         raise ValueError(f"token counts differ: a {a.shape} vs b {b.shape} (tokens_last={tokens_last})")
-    cfg = config or (DEFAULT_FP8 if scaled else DEFAULT_BF16)
+    cfg = config or default_wgrad_config(scaled, m, ka, nb, interpret)
+    if isinstance(cfg, MgpuGroupedConfig):
+        if not scaled:
+            raise ValueError("the Mosaic GPU grouped wgrad is FP8 only")
+        return grouped_gemm_mgpu.scaled_grouped_wgrad(group_sizes, a, a_scale, b, b_scale, config=cfg,
+                                                      interpret=interpret).astype(out_dtype)
     if scaled and cfg.block_k != SCALE_BLOCK:
         raise ValueError(f"FP8 wgrad steps over whole {SCALE_BLOCK}-token scale tiles: block_k must be {SCALE_BLOCK}")
     ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)

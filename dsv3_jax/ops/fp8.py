@@ -26,8 +26,9 @@ operands quantized along its own contraction axis and accumulates in FP32:
 Backends: "xla" dequantizes and runs an FP32 dot / ragged_dot (the reference, any device); "pallas" runs
 the kernels of `dsv3_jax.kernels` on FP8 operands and scales (interpret mode off GPU): dense GEMMs whose
 M and N fill whole 128-row tiles (K whole 128 blocks) take the Mosaic GPU kernel (`gemm_mgpu`, the
-fastest measured on H100, bench/RESULTS.md), the others the Triton kernel (`gemm`); "auto" picks
-"pallas" on GPU and "xla" elsewhere.
+fastest measured on H100, bench/RESULTS.md), the others the Triton kernel (`gemm`); grouped GEMMs and their
+wgrad likewise take the Mosaic GPU kernels of `grouped_gemm_mgpu` on a GPU where their tiles fit, else the
+Triton ones (`grouped_gemm.default_config`); "auto" picks "pallas" on GPU and "xla" elsewhere.
 """
 
 from __future__ import annotations
