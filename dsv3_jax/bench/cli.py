@@ -48,6 +48,11 @@ flags.DEFINE_string("accuracy_config", "small", "train: config of the accuracy c
 flags.DEFINE_string("plot", None, "train: write the accuracy loss curves to this PNG.", flag_values=FLAGS)
 flags.DEFINE_bool("accuracy_control", False, "train: train BF16 twice, the run-to-run noise floor of the comparison.",
                   flag_values=FLAGS)
+flags.DEFINE_integer("accuracy_batch", 16, "train: sequences per step of the accuracy runs.", flag_values=FLAGS)
+flags.DEFINE_float("accuracy_lr", 1e-3, "train: peak learning rate of the accuracy runs.", flag_values=FLAGS)
+flags.DEFINE_enum("accuracy_attention", "flash", ["flash", "reference"], "train: attention of the accuracy runs "
+                  "(reference: the jnp softmax path, deterministic with --xla_gpu_exclude_nondeterministic_ops).",
+                  flag_values=FLAGS)
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
@@ -126,7 +131,7 @@ def main(argv: list[str]) -> int:
         from dsv3_jax.bench import train
         train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
                   FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0,
-                  FLAGS.accuracy_control)
+                  FLAGS.accuracy_control, FLAGS.accuracy_batch, FLAGS.accuracy_lr, FLAGS.accuracy_attention)
     return 0
 
 

@@ -8,8 +8,13 @@ skewed, seeded load (log-normal shares, two empty experts) over 32768 tokens; (N
 - `mgpu_ragged_dot`: jax's own Pallas Mosaic GPU `ragged_dot_mgpu` kernel (BF16, block 64x256x64, 4 stages);
 - `pallas_bf16`, `pallas_fp8`: the Triton-backend kernels of `dsv3_jax.kernels.grouped_gemm` (FP8: 1x128
   activation tiles, 128x128 weight blocks, weights K-major [G, N, K]), over a few tile configurations;
+- `mosaic_fp8`: the warp-specialized Mosaic GPU FP8 kernel of `dsv3_jax.kernels.grouped_gemm_mgpu` (the
+  default for FP8 on GPU where its tiles fit), same operands, over a few configurations;
+- `*_wgrad`: the per-group weight gradient alone, out[g] = x_g^T dy_g [G, K, N] (2MNK FLOPs): Triton BF16
+  (token-major) and FP8 (token-last, 1x128 scales along the tokens), and the Mosaic GPU FP8 kernel;
 - `*_fwd_bwd`: forward + dgrad + per-group wgrad through each path's VJP (3 x the forward FLOPs), the cost
-  an MoE layer pays in training; the FP8 path includes quantizing activations, gradients and weights.
+  an MoE layer pays in training; the FP8 path includes quantizing activations, gradients and weights, and
+  runs the default kernels (on GPU: the Mosaic ones where their tiles fit).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from dsv3_jax.bench.timing import Deadline, Reporter, measure
 from dsv3_jax.kernels import grouped_gemm
 from dsv3_jax.kernels.gemm import GemmConfig
+from dsv3_jax.kernels.grouped_gemm_mgpu import MgpuGroupedConfig
 from dsv3_jax.ops import fp8
 from dsv3_jax.ops.grouped_matmul import grouped_matmul
 
@@ -32,6 +38,8 @@ BF16_CONFIGS = (
     GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
 )
 FP8_CONFIGS = (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4),)
+MOSAIC_FP8_CONFIGS = (MgpuGroupedConfig(), MgpuGroupedConfig(max_concurrent_steps=4),
+                      MgpuGroupedConfig(wg_dim="n", max_concurrent_steps=4))
 
 
 def group_layouts(seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +79,9 @@ def run(out: str | None = None, layouts: str = "all", repeats: int = 2, iters: i
     return rep
 
 
-def _cfg_name(cfg: GemmConfig) -> str:
+def _cfg_name(cfg: GemmConfig | MgpuGroupedConfig) -> str:
+    if isinstance(cfg, MgpuGroupedConfig):     # per-warpgroup tile / warpgroups stacked along m or n / stages
+        return f"{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}"
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}"
 
 
@@ -103,7 +113,12 @@ def _bench_problem(rep: Reporter, deadline: Deadline, layout: str, sizes: jax.Ar
     for cfg in FP8_CONFIGS:
         op = functools.partial(_pallas_fp8, sizes=sizes, cfg=cfg)
         measure(rep, deadline, base, "pallas_fp8", op, fp8_sets, ref8, flops, _cfg_name(cfg), **timing)
+    if jax.default_backend() == "gpu":
+        for cfg in MOSAIC_FP8_CONFIGS:
+            op = functools.partial(_pallas_fp8, sizes=sizes, cfg=cfg)
+            measure(rep, deadline, base, "mosaic_fp8", op, fp8_sets, ref8, flops, _cfg_name(cfg), **timing)
     del fp8_sets
+    _bench_wgrad(rep, deadline, base, sizes, bf16_sets, flops, timing)
 
     if layout == "8x4096":          # the training cost of the layer: forward + dgrad + wgrad through each VJP
         dys = [jax.random.normal(kk, (m, n), jnp.bfloat16) for kk in keys[2 * calls:]]
@@ -114,6 +129,39 @@ def _bench_problem(rep: Reporter, deadline: Deadline, layout: str, sizes: jax.Ar
             measure(rep, deadline, base, impl, op, sets, None, 3 * flops, **timing)
 
 
+def _bench_wgrad(rep: Reporter, deadline: Deadline, base: dict, sizes: jax.Array, bf16_sets: list, flops: float,
+                 timing: dict) -> None:
+    """out[g] = x_g^T dy_g with dy [M, N] drawn like x: BF16 token-major, FP8 token-last (both operands 1x128
+    along the tokens), against the FP32 product of the dequantized FP8 operands where the groups are few (the
+    reference's ragged_dot transpose asked for 28 GiB at 32 groups on H100)."""
+    m, n = base["m"], base["n"]
+    sets = [(x, jax.random.normal(jax.random.key(100 + i), (m, n), jnp.bfloat16)) for i, (x, _) in enumerate(bf16_sets)]
+    op = functools.partial(_wgrad, sizes=sizes, cfg=grouped_gemm.DEFAULT_BF16)
+    measure(rep, deadline, base, "pallas_bf16_wgrad", op, sets, None, flops, **timing)
+    fp8_sets = [_quantize_token_last(x, dy) for x, dy in sets]
+    del sets
+    ref = fp8.scaled_grouped_wgrad(*fp8_sets[0], sizes, backend="xla") if sizes.shape[0] <= 8 else None
+    configs = [("pallas_fp8_wgrad", grouped_gemm.DEFAULT_FP8)]
+    if jax.default_backend() == "gpu":
+        configs.append(("mosaic_fp8_wgrad", MOSAIC_FP8_CONFIGS[0]))
+    for impl, cfg in configs:
+        op = functools.partial(_fp8_wgrad, sizes=sizes, cfg=cfg)
+        measure(rep, deadline, base, impl, op, fp8_sets, ref, flops, _cfg_name(cfg), **timing)
+
+
+def _wgrad(x: jax.Array, dy: jax.Array, sizes: jax.Array, cfg: GemmConfig) -> jax.Array:
+    return grouped_gemm.transposed_grouped_matmul(x, dy, sizes, config=cfg)
+
+
+def _fp8_wgrad(xt, sxt, dyt, sdyt, sizes: jax.Array, cfg: GemmConfig | MgpuGroupedConfig) -> jax.Array:
+    return grouped_gemm.transposed_grouped_matmul(xt, dyt, sizes, sxt, sdyt, tokens_last=True, config=cfg)
+
+
+@jax.jit
+def _quantize_token_last(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
+    return (*fp8.quantize(x.T), *fp8.quantize(dy.T))
+
+
 def _ragged_dot(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot(x, w, sizes)
 
@@ -122,7 +170,7 @@ def _pallas_bf16(x: jax.Array, w: jax.Array, sizes: jax.Array, cfg: GemmConfig) 
     return grouped_gemm.grouped_matmul(x, w, sizes, config=cfg)
 
 
-def _pallas_fp8(x8, sx, w8, sw, sizes: jax.Array, cfg: GemmConfig) -> jax.Array:
+def _pallas_fp8(x8, sx, w8, sw, sizes: jax.Array, cfg: GemmConfig | MgpuGroupedConfig) -> jax.Array:
     return grouped_gemm.grouped_matmul(x8, w8, sizes, sx, sw, transpose_rhs=True, config=cfg)
 
 
@@ -148,4 +196,5 @@ def _summary(rep: Reporter) -> None:
     for (layout, n, k), row in best.items():
         rep.emit(kind="summary", layout=layout, n=n, k=k, **{f"{impl}_tflops": v for impl, v in row.items()})
     rep.table(["kind", "layout", "n", "k", "impl", "config", "tflops", "rel_err", "ragged_dot_tflops",
-               "mgpu_ragged_dot_tflops", "pallas_bf16_tflops", "pallas_fp8_tflops", "error"])
+               "mgpu_ragged_dot_tflops", "pallas_bf16_tflops", "pallas_fp8_tflops", "mosaic_fp8_tflops",
+               "pallas_fp8_wgrad_tflops", "mosaic_fp8_wgrad_tflops", "error"])

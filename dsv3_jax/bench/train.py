@@ -20,7 +20,15 @@ Accuracy (`--accuracy_steps N`): the `small` config trained N steps from one see
 `train_step`; the record holds both loss curves and the relative difference of the smoothed losses.
 `--accuracy_control` trains BF16 a second time: its difference from the first BF16 run is the noise floor
 of the comparison (on GPU, atomics make two identical runs differ from the first steps, and training at
-this batch size and learning rate amplifies any difference).
+a small batch and a high learning rate amplifies any difference). A deterministic comparison (bench/RESULTS.md
+run 5: two BF16 runs identical over 300 steps) is
+
+    XLA_FLAGS=--xla_gpu_exclude_nondeterministic_ops=true dsv3-bench train --only none --nopeer \
+        --accuracy_steps 300 --accuracy_control --accuracy_batch 64 --accuracy_lr 3e-4 --accuracy_attention reference
+
+(--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
+other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
+in jax 0.11.2; "reference" = XLA's einsum path).
 """
 
 from __future__ import annotations
@@ -160,11 +168,11 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
     from dsv3_jax.train.recipe import load_recipe
     from dsv3_jax.train.step import init_state, train_step
 
-    steps, b, t = spec["steps"], spec["batch"], spec["seq"]
+    steps, b, t, lr = spec["steps"], spec["batch"], spec["seq"], spec.get("peak_lr", 1e-3)
     cfg = load_config(spec["config"], fp8=spec["fp8"], attention_impl=spec.get("attention", "flash"))
     total = steps * b * t
     recipe = load_recipe("tiny-cpu", seq_len=t, batch_size_start=b, batch_size_end=b, batch_ramp_tokens=0,
-                         total_tokens=total, warmup_steps=20, peak_lr=1e-3, min_lr=1e-4, final_lr=3e-5,
+                         total_tokens=total, warmup_steps=20, peak_lr=lr, min_lr=0.1 * lr, final_lr=0.03 * lr,
                          lr_decay_start_tokens=int(0.6 * total), lr_decay_tokens=int(0.35 * total),
                          min_lr_tokens=int(0.03 * total), mtp_weight_switch_tokens=int(0.6 * total),
                          bias_update_speed=1e-3, bias_update_stop_tokens=int(0.95 * total))
@@ -181,7 +189,7 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
         losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
     return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": precision_name(spec),
-            "losses": losses, "wall_s": time.perf_counter() - t0}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "losses": losses, "wall_s": time.perf_counter() - t0}
 
 
 def smoothed(x: list[float], window: int = SMOOTH) -> np.ndarray:
@@ -249,7 +257,8 @@ def _subprocess(args: list[str], timeout: float) -> tuple[list[dict[str, Any]], 
 
 def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
-        plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False) -> Reporter:
+        plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False, accuracy_batch: int = 16,
+        accuracy_lr: float = 1e-3, accuracy_attention: str = "flash") -> Reporter:
     """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
@@ -260,7 +269,8 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
                                   str(batch), "--seq", str(seq), "--steps", str(steps)]))
     if accuracy_steps:
         for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
-            spec = dict(config=accuracy_config, fp8=fp8, rerun=rerun, steps=accuracy_steps, batch=16, seq=256)
+            spec = dict(config=accuracy_config, fp8=fp8, rerun=rerun, steps=accuracy_steps, batch=accuracy_batch,
+                        seq=256, peak_lr=accuracy_lr, attention=accuracy_attention)
             jobs.append((f"accuracy_{precision_name(spec)}", [*me, "--accuracy", json.dumps(spec)]))
     for spec in default_specs(config, batch, seq):
         if only == "all" or spec["name"] in only.split(","):
@@ -281,11 +291,14 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     if "bf16" in curves and "fp8" in curves:
         for other, name in (("fp8", "accuracy_summary"), ("bf16_rerun", "accuracy_control_bf16_rerun")):
             if other in curves:
-                rep.emit(name=name, config=accuracy_config, steps=accuracy_steps, smooth_window=SMOOTH,
+                rep.emit(name=name, config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch,
+                         peak_lr=accuracy_lr, attention=accuracy_attention, smooth_window=SMOOTH,
                          **compare_curves(curves["bf16"], curves[other]))
         if plot:
             try:
-                plot_curves(curves, plot, f"{accuracy_config}: BF16 vs FP8, {accuracy_steps} steps, same seed and data")
+                plot_curves(curves, plot, f"{accuracy_config}: BF16 vs FP8, same seed and data\n{accuracy_steps} "
+                            f"steps of {accuracy_batch} x 256 tokens, peak LR {accuracy_lr:g}, {accuracy_attention} "
+                            "attention")
             except ImportError as err:
                 rep.emit(name="plot", error=f"no plot: {err}")
     rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
