@@ -172,6 +172,17 @@ def test_cli_reports_bad_input_by_name(tmp_path):
     assert "dsv3-train: error:" in out and "recipe.json" in out
 
 
+def test_cli_fp8_flag_trains_in_fp8(cfg, corpus, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(cfg.to_hf_dict()))
+    recipe_path = tmp_path / "recipe.json"
+    recipe_path.write_text(json.dumps(dataclasses.asdict(load_recipe("tiny-cpu", **RECIPE_OVERRIDES))))
+    out, _ = _cli("--config", str(config_path), "--recipe", str(recipe_path), "--data", corpus, "--fp8", "--steps", "2",
+                  "--mesh", MESH, "--noprogress", "--workdir", str(tmp_path / "run")).communicate(timeout=300)
+    assert "FP8 on" in out and "done at step 2" in out, out
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(cfg, corpus, tmp_path):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(dict(cfg.to_hf_dict(), dtype="float32")))

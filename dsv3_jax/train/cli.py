@@ -3,6 +3,7 @@
     dsv3-train                                   # tiny model, built-in corpus, tiny-cpu recipe, ./runs/tiny
     dsv3-train --config small --recipe tiny-cpu --steps 500 --workdir runs/small
     dsv3-train --config path/to/config.json --data corpus.jsonl --tokenizer path/to/tokenizer_dir
+    dsv3-train --config proxy-1gpu --fp8                             # FP8 training (Pallas kernels on GPU)
     dsv3-train --mesh data=2,expert=4                                # any mesh over the visible devices
     dsv3-train --mesh pipe=4,data=2 --pipeline-schedule dualpipe     # pipeline stages over "pipe"
     dsv3-train --distributed --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # one per host
@@ -27,6 +28,8 @@ flags.DEFINE_string("data", "builtin", "'builtin' (Python's standard library sou
 flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or tokenizer directory; default: train one on --data "
                     "once and cache it in the workdir.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the config's activation dtype.")
+flags.DEFINE_bool("fp8", False, "FP8 training (the config's `fp8`): every eligible linear and the expert GEMMs in "
+                  "E4M3 with 1x128 activation tiles and 128x128 weight blocks, FP32 accumulation.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("mesh", "", "Mesh axis sizes over all devices, e.g. 'data=2,expert=4' (axes pipe, data, expert, "
                     "tensor; one may be -1 = the remaining devices; default: every device data parallel).")
@@ -62,8 +65,12 @@ def main(argv: list[str]) -> int:
 
     try:
         overrides = {"dtype": FLAGS.dtype} if FLAGS.dtype else {}
+        if FLAGS.fp8:
+            overrides["fp8"] = True
         cfg = load_config(FLAGS.config, **overrides)
         recipe = load_recipe(FLAGS.recipe)
+        print(f"config {FLAGS.config} (activations {cfg.dtype}, FP8 {'on' if cfg.fp8 else 'off'}), recipe "
+              f"{FLAGS.recipe}, mesh {FLAGS.mesh or 'all devices data parallel'}", flush=True)
         parallel = ParallelConfig.parse(FLAGS.mesh)
         result = train(cfg, recipe, FLAGS.workdir, steps=FLAGS.steps, seed=FLAGS.seed, data=FLAGS.data,
                        tokenizer_path=FLAGS.tokenizer, progress=FLAGS.progress, parallel=parallel,
