@@ -159,9 +159,8 @@ def sharded_steps(cfg: ModelConfig, optimizer: optax.GradientTransformation, mes
                        donate_argnums=0, in_shardings=(shardings, rows, replicated),
                        out_shardings=(shardings, replicated))
 
-    train = jit_train()
-    if mesh.shape["pipe"] > 1:
-        train = _pipelined_train(cfg, mesh, pipeline_schedule, microbatches, jit_train)
+    pipelined = mesh.shape["pipe"] > 1
+    train = _pipelined_train(cfg, mesh, pipeline_schedule, microbatches, jit_train) if pipelined else jit_train()
     return ShardedSteps(
         shardings,
         init=jax.jit(make_state, out_shardings=shardings),
