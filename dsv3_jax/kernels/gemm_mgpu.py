@@ -14,16 +14,22 @@ into its running FP32 sum (DeepSeek's promotion every N_C = 128). The wait stall
 the other one's WGMMAs keep the tensor cores busy meanwhile. Needs M, N divisible by the CTA tile and
 K by 128 (`supports`); other shapes go to the Triton kernel.
 
-Measured on H100 (bench/RESULTS.md): 597-843 TFLOP/s at M=4096 (2.2-2.7x the Triton kernel, whose
-WGMMAs the promotion serializes), ahead of cuBLAS BF16 at (7168, 16384) and (4096, 7168), behind it at
-the shapes with short K (512-2048), where the per-tile epilogue is not overlapped with the next tile.
+With `k_blocks` > 1 a pipeline step carries several K blocks: their WGMMAs are all in flight before the
+first block's promotion, which then overlaps the later blocks' WGMMAs. When b's scale block covers a whole
+warpgroup tile (b_block = 128, the weights) the promotion is one FMA per element with a per-row scale.
+
+Measured (bench/RESULTS.md) on H100: 597-843 TFLOP/s at M=4096 (2.2-2.7x the Triton kernel, whose WGMMAs the
+promotion serializes); on H200 (run 6, with the single-FMA promotion) 941-1202 at the shapes with K >= 1536,
+ahead of cuBLAS BF16 there, behind it at the shapes with short K (512, 2048), where the per-tile epilogue is
+not overlapped with the next tile. No configuration wins everywhere (k_blocks=2 / 2 steps: 1032 at
+(7168, 16384), 714 at (4096, 7168)), so the default stays one K block per step, 5 in flight.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,14 +49,15 @@ SMEM_SLACK = 2048      # barriers and alignment on top of `smem_bytes` (1104 byt
 @dataclasses.dataclass(frozen=True)
 class WarpgroupTiles:
     """Per-warpgroup tile (tile_m x tile_n); the CTA holds two, stacked along `wg_dim` ("m" or "n"), and keeps
-    `max_concurrent_steps` 128-wide K blocks in flight; CTAs walk output tiles in planar-snake bands of
-    `grid_tile_width`."""
+    `max_concurrent_steps` pipeline steps of `k_blocks` 128-wide K blocks each in flight; CTAs walk output
+    tiles in planar-snake bands of `grid_tile_width`."""
 
     tile_m: int = 64
     tile_n: int = 128
     wg_dim: str = "m"
     max_concurrent_steps: int = 5
     grid_tile_width: int = 8
+    k_blocks: int = 1
 
     @property
     def cta_m(self) -> int:
@@ -69,7 +76,7 @@ class MgpuGemmConfig(WarpgroupTiles):
     epi_tile_n: int = 64
 
 
-# Measured fastest on H100 (bench/RESULTS.md): 64x128 per warpgroup, CTA 128x128, 5 pipeline stages; wider
+# Measured fastest on H100 and H200 (bench/RESULTS.md): 64x128 per warpgroup, CTA 128x128, 5 pipeline stages; wider
 # per-warpgroup tiles (128x128) need a second 128-register FP32 tile for the promotion and spill.
 DEFAULT_CONFIG = MgpuGemmConfig()
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multiple of 64 but not of 128 (e.g. 2112)
@@ -77,13 +84,13 @@ NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multi
 
 def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
     """Whether `config` tiles these sizes (whole CTA tiles along M and N, whole 128-wide K blocks)."""
-    return m % config.cta_m == 0 and n % config.cta_n == 0 and k % SCALE_BLOCK == 0
+    return m % config.cta_m == 0 and n % config.cta_n == 0 and k % (SCALE_BLOCK * config.k_blocks) == 0
 
 
 def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
     """Shared memory of the kernel's buffers: per pipeline stage a 128-wide K block of a and b (FP8) and
     their FP32 scales, plus the double-buffered epilogue tiles of both warpgroups (barriers not counted)."""
-    stage = (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+    stage = config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
     epilogue = 2 * 2 * min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
     return config.max_concurrent_steps * stage + epilogue
 
@@ -113,34 +120,54 @@ def supports(m: int, n: int, k: int) -> bool:
 
 def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compute_context: Callable[..., Any],
                steps: int | jax.Array, first_block: int | jax.Array = 0) -> Any:
-    """The warp-specialized K pipeline over `steps` 128-wide K blocks from block `first_block` on: per step
-    a [cta_m, 128] block of a, [cta_n, 128] of b (FP8, K-major) and their FP32 scales [1, cta_m], [1, cta_n],
-    `stages` steps in flight, a memory warpgroup feeding two math warpgroups."""
+    """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
+    `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
+    [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
+    flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`."""
     fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
+    u = cfg.k_blocks
+
+    def block(rows: int, j: int) -> plgpu.BlockSpec:
+        return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda s: (0, first_block + s * u + j), transforms=fp8_transforms)
+
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
         max_concurrent_steps=stages, compute_context=compute_context,
-        in_specs=[
-            plgpu.BlockSpec((cfg.cta_m, SCALE_BLOCK), lambda kb: (0, first_block + kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((cfg.cta_n, SCALE_BLOCK), lambda kb: (0, first_block + kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((1, cfg.cta_m), lambda kb: (first_block + kb, 0)),
-            plgpu.BlockSpec((1, cfg.cta_n), lambda kb: (first_block + kb, 0)),
-        ],
+        in_specs=[*(block(cfg.cta_m, j) for j in range(u)), *(block(cfg.cta_n, j) for j in range(u)),
+                  plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0)),
+                  plgpu.BlockSpec((u, cfg.cta_n), lambda s: (first_block // u + s, 0))],
     )
 
 
-def promote(a: Any, b_smem: Any, as_smem: Any, bs_smem: Any, acc: jax.Array, wg_rows: pl.Slice, wg_cols: pl.Slice,
-            tile_m: int, tile_n: int) -> jax.Array:
-    """acc + (a . b^T) * a_scale (x) b_scale for one K block: FP8 WGMMAs into a fresh FP32 tile, then the scaled
-    add (a: this warpgroup's rows of the a block in shared memory, or in registers)."""
-    def mma(part_ref):
-        plgpu.wgmma(part_ref, a, plgpu.transpose_ref(b_smem.at[wg_cols], (1, 0)))
-        return part_ref[...]
+def k_operands(cfg: WarpgroupTiles, a: Any, b: Any, a_scale: Any, b_scale: Any) -> tuple[Any, ...]:
+    """`k_pipeline`'s operands in its in_specs order: a and b once per K block of a step, then the scales."""
+    return (a,) * cfg.k_blocks + (b,) * cfg.k_blocks + (a_scale, b_scale)
 
-    part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-    sa, sb = as_smem[0, wg_rows], bs_smem[0, wg_cols]
+
+def promote(a_blocks: Sequence[Any], b_blocks: Sequence[Any], as_smem: Any, bs_smem: Any, acc: jax.Array,
+            wg_rows: pl.Slice, wg_cols: pl.Slice, tile_m: int, tile_n: int, b_uniform: bool = False) -> jax.Array:
+    """acc + sum_j (a_j . b_j^T) * a_scale_j (x) b_scale_j over one pipeline step's K blocks j (DeepSeek's
+    promotion every 128 of K): the FP8 WGMMAs of every block go into fresh FP32 tiles at once, and block j's
+    scaled add waits only for its own, overlapping the later blocks' WGMMAs. a_j: this warpgroup's rows of the
+    block in shared memory, or in registers. b_uniform: the warpgroup's columns share one b scale per K block
+    (b_block a multiple of tile_n), so the scale is one FP32 per row and the add a single FMA per element."""
     shape = (tile_m, tile_n)
-    return acc + part * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+
+    def mma(*parts):
+        for part, a, b in zip(parts, a_blocks, b_blocks, strict=True):
+            plgpu.wgmma(part, a, plgpu.transpose_ref(b.at[wg_cols], (1, 0)))
+        out = acc
+        for j, part in enumerate(parts):
+            block = plgpu.wgmma_accumulator_load(part, wait_n=len(parts) - 1 - j)
+            sa = as_smem[j, wg_rows]
+            if b_uniform:
+                out = out + block * lax.broadcast_in_dim(sa * bs_smem[j, wg_cols.start], shape, [0])
+            else:
+                sb = bs_smem[j, wg_cols]
+                out = out + block * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+        return out
+
+    return pl.run_scoped(mma, *(plgpu.ACC(shape, jnp.float32) for _ in a_blocks))
 
 
 def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
@@ -151,25 +178,26 @@ def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
     return zeros
 
 
-def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, interpret: bool):
+def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, b_uniform: bool, interpret: bool):
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // SCALE_BLOCK
+    u = cfg.k_blocks
+    m_iters, n_iters, k_steps = m // cta_m, n // cta_n, k // (SCALE_BLOCK * u)
     epi_n = min(cfg.epi_tile_n, tile_n)
     out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
-    pipeline = functools.partial(k_pipeline, cfg, cfg.max_concurrent_steps, steps=k_iters)
+    pipeline = functools.partial(k_pipeline, cfg, cfg.max_concurrent_steps, steps=k_steps)
 
     ignore = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, as_gmem, bs_gmem),
+        allocs=pipeline(ignore, ignore).get_allocations(*k_operands(cfg, a_gmem, b_gmem, as_gmem, bs_gmem)),
         out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
         collective_axes="wg",
     )
@@ -185,8 +213,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
             wg_rows = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
             wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
 
-            def body(_, a_smem, b_smem, as_smem, bs_smem, acc):
-                return promote(a_smem.at[wg_rows], b_smem, as_smem, bs_smem, acc, wg_rows, wg_cols, tile_m, tile_n)
+            def body(_, *refs):
+                a_blocks, b_blocks, (as_smem, bs_smem, acc) = refs[:u], refs[u:2 * u], refs[2 * u:]
+                return promote([a.at[wg_rows] for a in a_blocks], b_blocks, as_smem, bs_smem, acc, wg_rows, wg_cols,
+                               tile_m, tile_n, b_uniform)
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
@@ -203,7 +233,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
             pipeline(body, compute_context)(
-                a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows], bs_gmem.at[:, cta_cols],
+                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows],
+                            bs_gmem.at[:, cta_cols]),
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -219,15 +250,16 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     """
     check_scaled_operands(a, a_scale, b, b_scale, b_block)
     (m, k), n = a.shape, b.shape[0]
-    cfg = config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG
+    cfg = fit_smem(config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG, out_dtype)
     if not fits(m, n, k, cfg):
-        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m}, N % {cfg.cta_n}, K % {SCALE_BLOCK} == 0; "
-                         f"got M={m}, N={n}, K={k}")
+        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m}, N % {cfg.cta_n}, "
+                         f"K % {SCALE_BLOCK * cfg.k_blocks} == 0; got M={m}, N={n}, K={k}")
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
     kernel = plgpu.kernel(
-        functools.partial(_kernel, cfg=cfg, interpret=interpret), out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(NUM_SMS,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **_interpret_kwargs(interpret))
