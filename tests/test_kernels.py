@@ -6,6 +6,8 @@ the comparisons below. Tiles are small (32-64) so that few-hundred-row problems 
 edges included.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,13 +72,15 @@ MGPU_INTERPRETABLE = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
-@pytest.mark.parametrize("b_block", [128, 1])
-@pytest.mark.parametrize("n", [128, 192])     # 192: the narrow 64-column configuration
-def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n):
-    m, k = 128, 384                              # one CTA row of tiles, three K blocks with their own scales
+@pytest.mark.parametrize("b_block", [128, 1])  # 128: one b scale per warpgroup tile (FMA promotion); 1: per column
+@pytest.mark.parametrize("n, k_blocks", [(128, 1), (192, 1), (128, 2)])  # 192: narrow tiles; 2: two K blocks a step
+def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n, k_blocks):
+    m, k = 128, 384 * k_blocks                   # one CTA row of tiles, K blocks with their own scales
     a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
     b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (b_block, 128))
-    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, interpret=INTERPRET)
+    cfg = dataclasses.replace(gemm_mgpu.config_for(m, n, k), k_blocks=k_blocks)
+    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, config=cfg,
+                                  interpret=INTERPRET)
     ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, backend="xla")
     # Hopper's FP8 WGMMA adds its products with ~14 significant bits (DeepSeek-V3 sec. 3.3.2), so on the GPU
     # the error is that rounding, not FP32's: bound the worst element against the output's scale.
@@ -136,14 +140,17 @@ def test_grouped_gemm_fp8():
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
-@pytest.mark.parametrize("sizes", [[0, 100, 0, 140, 1, 59], [200, 0, 128, 5]])   # straddled tiles, empty groups
-def test_mosaic_gpu_grouped_fp8_gemm(sizes):
-    m, k, n = 384, 384, 256               # three 128-row tiles, three K blocks; sum(sizes) < m: zero tail rows
+@pytest.mark.parametrize("sizes, k_blocks", [([0, 100, 0, 140, 1, 59], 1), ([200, 0, 128, 5], 1),
+                                             ([200, 0, 128, 5], 2)])   # straddled tiles, empty groups
+def test_mosaic_gpu_grouped_fp8_gemm(sizes, k_blocks):
+    m, k, n = 384, 384 * k_blocks, 256    # three 128-row tiles, 3 K steps; sum(sizes) < m: zero tail rows
+    config = grouped_gemm_mgpu.config_for(m, n, k)
+    assert config.k_blocks == k_blocks   # K = 3 blocks: one block a step; 6 blocks: the two-block default
     sizes = jnp.asarray(sizes, jnp.int32)
     xq, xs = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
     wq, ws = fp8.quantize(normal(2, (len(sizes), n, k)) * jnp.exp(normal(3, (1, 1, k))), fp8.WEIGHT_BLOCK)
     out = grouped_gemm.grouped_matmul(xq, wq, sizes, xs, ws, transpose_rhs=True, out_dtype=jnp.float32,
-                                      config=grouped_gemm_mgpu.DEFAULT_CONFIG, interpret=INTERPRET)
+                                      config=config, interpret=INTERPRET)
     ref = fp8.scaled_grouped_matmul(xq, xs, wq, ws, sizes, out_dtype=jnp.float32, backend="xla")
     assert np.isfinite(np.asarray(out)).all()             # every row written (interpret mode starts from NaN)
     assert np.all(np.asarray(out[int(sizes.sum()):]) == 0)
@@ -158,7 +165,7 @@ def test_mosaic_gpu_grouped_fp8_wgrad(sizes):
     sizes = jnp.asarray(sizes, jnp.int32)
     (at, at_s), (bt, bt_s) = fp8.quantize(normal(0, (ka, m))), fp8.quantize(normal(1, (nb, m)))
     out = grouped_gemm.transposed_grouped_matmul(at, bt, sizes, at_s, bt_s, tokens_last=True,
-                                                 config=grouped_gemm_mgpu.DEFAULT_CONFIG)
+                                                 config=grouped_gemm_mgpu.WGRAD_CONFIG)
     ref = fp8.scaled_grouped_wgrad(at, at_s, bt, bt_s, sizes, backend="xla")
     assert np.all(np.asarray(out)[np.asarray(sizes) == 0] == 0)
     assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
@@ -186,14 +193,16 @@ def test_grouped_gemm_kernel_choice(monkeypatch):
     assert grouped_gemm.default_config(True, 65536, 2048, 7168) == grouped_gemm.DEFAULT_FP8    # not on a GPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert grouped_gemm.default_config(True, 65536, 2048, 7168) == mosaic
+    assert grouped_gemm.default_config(True, 65536, 2048, 384) == grouped_gemm_mgpu.ONE_BLOCK_CONFIG  # 3 K blocks
     assert grouped_gemm.default_config(True, 65536, 2048, 7168, interpret=True) == grouped_gemm.DEFAULT_FP8
     assert grouped_gemm.default_config(True, 150, 2048, 7168) == grouped_gemm.DEFAULT_FP8     # partial row tile
     assert grouped_gemm.default_config(False, 65536, 2048, 7168) == grouped_gemm.DEFAULT_BF16
-    assert grouped_gemm.default_wgrad_config(True, 65536, 7168, 2048) == mosaic
+    assert grouped_gemm.default_wgrad_config(True, 65536, 7168, 2048) == grouped_gemm_mgpu.WGRAD_CONFIG
     assert grouped_gemm.default_wgrad_config(True, 65500, 7168, 2048) == grouped_gemm.DEFAULT_FP8   # partial block
     assert grouped_gemm.default_wgrad_config(False, 65536, 7168, 2048) == grouped_gemm.DEFAULT_BF16
-    for out_dtype, stages in ((jnp.bfloat16, mosaic.max_concurrent_steps), (jnp.float32, 4)):
-        cfg = grouped_gemm_mgpu.fit_smem(mosaic, out_dtype)
+    for config, out_dtype, stages in ((mosaic, jnp.bfloat16, mosaic.max_concurrent_steps),
+                                      (grouped_gemm_mgpu.WGRAD_CONFIG, jnp.float32, 4)):   # FP32 wgrad: 4 of 5
+        cfg = grouped_gemm_mgpu.fit_smem(config, out_dtype)
         assert cfg.max_concurrent_steps == stages
         assert grouped_gemm_mgpu.smem_bytes(cfg, out_dtype) + gemm_mgpu.SMEM_SLACK <= gemm_mgpu.SMEM_LIMIT
     x = jnp.zeros((256, 256), jnp.bfloat16)
@@ -251,7 +260,7 @@ def test_fp8_grouped_matmul_gradients_on_mosaic_kernels():
     m, k, n = 384, 256, 256
     sizes = jnp.asarray([100, 0, 200, 84], jnp.int32)
     assert grouped_gemm.default_config(True, m, n, k) == grouped_gemm_mgpu.DEFAULT_CONFIG
-    assert grouped_gemm.default_wgrad_config(True, m, k, n) == grouped_gemm_mgpu.DEFAULT_CONFIG
+    assert grouped_gemm.default_wgrad_config(True, m, k, n) == grouped_gemm_mgpu.WGRAD_CONFIG
     x, w, dy = normal(0, (m, k)), normal(1, (4, k, n)) * 0.05, normal(2, (m, n))
     grads = {}
     for backend in ("xla", "pallas"):

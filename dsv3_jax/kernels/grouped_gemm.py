@@ -24,7 +24,9 @@ Measured on H100 (bench/RESULTS.md run 5, 32768 tokens): BF16 (Triton) 513-614 T
 `ragged_dot_mgpu` (405-514, untuned) and 3-41x `jax.lax.ragged_dot`. FP8: Triton 271-330 forward and
 194-285 wgrad, held back by the per-128-K promotion as in `gemm.py`; Mosaic 714-993 forward and 514-740
 wgrad, so that FP8 forward + dgrad + wgrad (with its quantizations) runs at 566 TFLOP/s against BF16's 603
-(run 1, all Triton: 183). Offsets are int32: every operand must hold fewer than 2^31 elements.
+(run 1, all Triton: 183). On H200 (run 6, 8 x 4096 tokens): BF16 Triton 572-619 forward, 529-530 wgrad;
+Mosaic FP8 with two K blocks per step 1051-1105 forward, 752-908 wgrad. Offsets are int32: every operand
+must hold fewer than 2^31 elements.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ def _grouped_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, *refs, m: int, 
 def default_config(scaled: bool, m: int, n: int, k: int, interpret: bool = False) -> GemmConfig | MgpuGroupedConfig:
     """The kernel and tile `grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic GPU kernel
     where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), everything else the Triton kernel."""
-    if scaled and not interpret and jax.default_backend() == "gpu" and grouped_gemm_mgpu.supports(m, n, k):
-        return grouped_gemm_mgpu.DEFAULT_CONFIG
+    mosaic = grouped_gemm_mgpu.config_for(m, n, k)
+    if scaled and not interpret and jax.default_backend() == "gpu" and mosaic is not None:
+        return mosaic
     return DEFAULT_FP8 if scaled else DEFAULT_BF16
 
 
@@ -224,7 +227,7 @@ def default_wgrad_config(scaled: bool, m: int, ka: int, nb: int,
     """The kernel and tile `transposed_grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic
     GPU kernel where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), the rest the Triton one."""
     if scaled and not interpret and jax.default_backend() == "gpu" and grouped_gemm_mgpu.supports_wgrad(m, ka, nb):
-        return grouped_gemm_mgpu.DEFAULT_CONFIG
+        return grouped_gemm_mgpu.WGRAD_CONFIG
     return DEFAULT_FP8 if scaled else DEFAULT_BF16
 
 

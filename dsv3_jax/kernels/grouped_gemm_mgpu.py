@@ -30,6 +30,7 @@ Measured on H100 (bench/RESULTS.md run 5, 32768 tokens, DeepGEMM's shapes): fpro
 configuration; 2.5-3.3x the Triton FP8 kernel, ahead of the best Triton BF16 tile at every shape); wgrad
 740 TFLOP/s on 8 x 4096 tokens (Triton FP8 285, Triton BF16 544), 514 on the skewed 32-expert load, 634-656
 at the proxy's 65536 tokens over 32 experts (Triton FP8 241-242; masking every block in registers: 463-468).
+On H200 (run 6, 8 x 4096 tokens, two K blocks per step): fprop 1051-1105, wgrad 752-908.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels import gemm_mgpu
 from dsv3_jax.kernels.gemm import SCALE_BLOCK
-from dsv3_jax.kernels.gemm_mgpu import NUM_SMS, WarpgroupTiles, _interpret_kwargs, k_pipeline, promote, wgmma_zeros
+from dsv3_jax.kernels.gemm_mgpu import (
+    NUM_SMS,
+    WarpgroupTiles,
+    _interpret_kwargs,
+    k_operands,
+    k_pipeline,
+    promote,
+    wgmma_zeros,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +62,18 @@ class MgpuGroupedConfig(WarpgroupTiles):
     """The grouped kernels' tiles (`gemm_mgpu.WarpgroupTiles`; tile_m a power of two)."""
 
 
-DEFAULT_CONFIG = MgpuGroupedConfig()
+# Measured on H200 (bench/RESULTS.md run 6, 8 x 4096 tokens): two 128-wide K blocks per pipeline step (both
+# blocks' WGMMAs in flight, the first block's promotion overlapping the second's WGMMAs), 2 steps in flight,
+# 1051-1105 TFLOP/s against 815-934 for one block per step (5 in flight).
+DEFAULT_CONFIG = MgpuGroupedConfig(max_concurrent_steps=2, k_blocks=2)
+ONE_BLOCK_CONFIG = MgpuGroupedConfig()     # K an odd number of 128-wide blocks
+WGRAD_CONFIG = MgpuGroupedConfig()         # wgrad: its masked boundary blocks are one 128-token block a step
 
 
 def smem_bytes(config: MgpuGroupedConfig, out_dtype: jnp.dtype) -> int:
     """Shared memory of the buffers: per pipeline stage a 128-wide K block of lhs and rhs (FP8) and their
     FP32 scales, plus one output tile per math warpgroup (barriers not counted)."""
-    stage = (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+    stage = config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
     return config.max_concurrent_steps * stage + 2 * config.tile_m * config.tile_n * jnp.dtype(out_dtype).itemsize
 
 
@@ -68,9 +82,14 @@ def fit_smem(config: MgpuGroupedConfig, out_dtype: jnp.dtype) -> MgpuGroupedConf
     return gemm_mgpu.fit_smem(config, out_dtype, smem_bytes)
 
 
-def supports(m: int, n: int, k: int, config: MgpuGroupedConfig = DEFAULT_CONFIG) -> bool:
-    """Whether `config` tiles lhs [M, K] x rhs [G, N, K] (whole CTA row and column tiles, whole 128-wide K blocks)."""
+def supports(m: int, n: int, k: int, config: MgpuGroupedConfig) -> bool:
+    """Whether `config` tiles lhs [M, K] x rhs [G, N, K] (whole CTA row and column tiles, whole K steps)."""
     return gemm_mgpu.fits(m, n, k, config)
+
+
+def config_for(m: int, n: int, k: int) -> MgpuGroupedConfig | None:
+    """The default configuration that tiles lhs [M, K] x rhs [G, N, K], or None (then the Triton kernel runs)."""
+    return next((c for c in (DEFAULT_CONFIG, ONE_BLOCK_CONFIG) if supports(m, n, k, c)), None)
 
 
 def store_segments(start: jax.Array, count: jax.Array, rows: int) -> list[tuple[int, jax.Array, jax.Array]]:
@@ -88,19 +107,21 @@ def store_segments(start: jax.Array, count: jax.Array, rows: int) -> list[tuple[
 
 
 def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGroupedConfig,
-            interpret: bool):
+            b_uniform: bool, interpret: bool):
     k = a_gmem.shape[1]
     n_groups, n = b_gmem.shape[:2]
     n_tiles = group_gmem.shape[0]
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    n_iters, k_iters = n // cta_n, k // SCALE_BLOCK
-    stages = min(cfg.max_concurrent_steps, k_iters)      # the dynamic-length pipeline keeps every slot it is given
+    u = cfg.k_blocks
+    n_iters, k_steps = n // cta_n, k // (SCALE_BLOCK * u)
+    stages = min(cfg.max_concurrent_steps, k_steps)      # the dynamic-length pipeline keeps every slot it is given
     pipeline = functools.partial(k_pipeline, cfg, stages)
     ignore = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore, k_iters).get_allocations(a_gmem, b_gmem.at[0], as_gmem, bs_gmem.at[0]),
+        allocs=pipeline(ignore, ignore, k_steps).get_allocations(*k_operands(cfg, a_gmem, b_gmem.at[0], as_gmem,
+                                                                              bs_gmem.at[0])),
         out_smem=plgpu.SMEM((2, tile_m, tile_n), out_gmem.dtype),
         collective_axes="wg",
     )
@@ -114,14 +135,16 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
             group, lo, hi = group_gmem[ti], lo_gmem[ti], hi_gmem[ti]
             g = jnp.minimum(group, n_groups - 1)
             # K steps: none for an unused entry and for the tail past the groups (whose rows get zeros)
-            steps = k_iters * ((hi > lo) & (group < n_groups)).astype(jnp.int32)
+            steps = k_steps * ((hi > lo) & (group < n_groups)).astype(jnp.int32)
             row0 = lo // cta_m * cta_m
             cta_rows, cta_cols = pl.ds(row0, cta_m), pl.ds(ni * cta_n, cta_n)
             wg_rows = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
             wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
 
-            def body(_, a_smem, b_smem, as_smem, bs_smem, acc):
-                return promote(a_smem.at[wg_rows], b_smem, as_smem, bs_smem, acc, wg_rows, wg_cols, tile_m, tile_n)
+            def body(_, *refs):
+                a_blocks, b_blocks, (as_smem, bs_smem, acc) = refs[:u], refs[u:2 * u], refs[2 * u:]
+                return promote([a.at[wg_rows] for a in a_blocks], b_blocks, as_smem, bs_smem, acc, wg_rows, wg_cols,
+                               tile_m, tile_n, b_uniform)
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_gmem.dtype)
@@ -137,7 +160,8 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
                                                   out_gmem.at[pl.ds(first + offset, size), cols]))
 
             pipeline(body, compute_context, steps)(
-                a_gmem.at[cta_rows], b_gmem.at[g].at[cta_cols], as_gmem.at[:, cta_rows], bs_gmem.at[g].at[:, cta_cols],
+                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[g].at[cta_cols], as_gmem.at[:, cta_rows],
+                            bs_gmem.at[g].at[:, cta_cols]),
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -146,17 +170,19 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
 @functools.partial(jax.jit, static_argnames=("b_block", "out_dtype", "config", "interpret"))
 def scaled_grouped_matmul(table: tuple[jax.Array, jax.Array, jax.Array], lhs: jax.Array, lhs_scale: jax.Array,
                           rhs: jax.Array, rhs_scale: jax.Array, *, b_block: int = 128,
-                          out_dtype: jnp.dtype = jnp.bfloat16, config: MgpuGroupedConfig = DEFAULT_CONFIG,
+                          out_dtype: jnp.dtype = jnp.bfloat16, config: MgpuGroupedConfig | None = None,
                           interpret: bool = False) -> jax.Array:
     """lhs [M, K] fp8 with lhs_scale [M, Kb], rhs [G, N, K] fp8 with rhs_scale [G, ceil(N / b_block), Kb] -> [M, N].
 
-    `table` = `grouped_gemm.tile_table(group_sizes, M, config.cta_m)`: group [T], first row [T], end row [T].
+    `table` = `grouped_gemm.tile_table(group_sizes, M, config.cta_m)`: group [T], first row [T], end row [T];
+    config None: `config_for`'s.
     interpret=True runs Pallas' Mosaic GPU interpreter (CPU, jax >= 0.11; slow: small shapes only).
     """
     (m, k), (n_groups, n, k2) = lhs.shape, rhs.shape
+    config = config or config_for(m, n, k) or DEFAULT_CONFIG
     if not supports(m, n, k, config) or k != k2:
-        raise ValueError(f"Mosaic GPU grouped GEMM needs M % {config.cta_m}, N % {config.cta_n}, K % {SCALE_BLOCK} "
-                         f"== 0 and equal K; got lhs {lhs.shape}, rhs {rhs.shape}")
+        raise ValueError(f"Mosaic GPU grouped GEMM needs M % {config.cta_m}, N % {config.cta_n}, "
+                         f"K % {SCALE_BLOCK * config.k_blocks} == 0 and equal K; got lhs {lhs.shape}, rhs {rhs.shape}")
     kb = k // SCALE_BLOCK
     if lhs_scale.shape != (m, kb) or rhs_scale.shape != (n_groups, pl.cdiv(n, b_block), kb):
         raise ValueError(f"scale shapes {lhs_scale.shape}, {rhs_scale.shape} do not fit lhs {lhs.shape}, rhs "
@@ -166,7 +192,7 @@ def scaled_grouped_matmul(table: tuple[jax.Array, jax.Array, jax.Array], lhs: ja
     a_s = lhs_scale.astype(jnp.float32).T
     b_s = jnp.swapaxes(jnp.repeat(rhs_scale.astype(jnp.float32), b_block, axis=1)[:, :n], 1, 2)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, cfg=cfg, interpret=interpret),
+        functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(NUM_SMS,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -205,8 +231,8 @@ def _wgrad_kernel(start_gmem, end_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gm
 
             def body(idx, a_smem, b_smem, as_smem, bs_smem, acc):
                 t0 = (first_block + idx[0]) * SCALE_BLOCK
-                promote_block = functools.partial(promote, b_smem=b_smem, as_smem=as_smem, bs_smem=bs_smem, acc=acc,
-                                                  wg_rows=wg_rows, wg_cols=wg_cols, tile_m=tile_m, tile_n=tile_n)
+                def promote_block(a):
+                    return promote([a], [b_smem], as_smem, bs_smem, acc, wg_rows, wg_cols, tile_m, tile_n)
 
                 def masked():   # tokens of other groups in this block: a from registers with their columns zeroed
                     a = a_smem[wg_rows]
@@ -234,15 +260,16 @@ def _wgrad_kernel(start_gmem, end_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gm
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def supports_wgrad(m: int, ka: int, nb: int, config: MgpuGroupedConfig = DEFAULT_CONFIG) -> bool:
+def supports_wgrad(m: int, ka: int, nb: int, config: MgpuGroupedConfig = WGRAD_CONFIG) -> bool:
     """Whether `config` tiles the wgrad out [G, Ka, Nb] over M tokens (whole tiles, whole 128-token blocks;
     the masked K blocks take a from registers, which needs 64-row warpgroup tiles)."""
-    return ka % config.cta_m == 0 and nb % config.cta_n == 0 and m % SCALE_BLOCK == 0 and config.tile_m == 64
+    return (ka % config.cta_m == 0 and nb % config.cta_n == 0 and m % SCALE_BLOCK == 0 and config.tile_m == 64
+            and config.k_blocks == 1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def scaled_grouped_wgrad(group_sizes: jax.Array, a_t: jax.Array, a_scale: jax.Array, b_t: jax.Array,
-                         b_scale: jax.Array, *, config: MgpuGroupedConfig = DEFAULT_CONFIG,
+                         b_scale: jax.Array, *, config: MgpuGroupedConfig = WGRAD_CONFIG,
                          interpret: bool = False) -> jax.Array:
     """out[g] = a_g^T b_g [G, Ka, Nb] in FP32 over the tokens of group g, from token-last (K-major) FP8
     a_t [Ka, M], b_t [Nb, M] with 1x128 scales along the tokens a_scale [Ka, Mb], b_scale [Nb, Mb].
