@@ -40,12 +40,12 @@ CONFIGS_SMALL_M = (
     GemmConfig(64, 128, 128, group_m=1, num_warps=4, num_stages=5),
     GemmConfig(128, 128, 128, group_m=1, num_warps=4, num_stages=4),
 )
-# Mosaic GPU kernel: per-warpgroup tile, warpgroups stacked along M or N, pipeline depth
+# Mosaic GPU kernel: per-warpgroup tile, warpgroups stacked along M or N, pipeline depth, K blocks per step
 # (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
 CONFIGS_MGPU = (
-    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=4),
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5),
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=4, grid_tile_width=16),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=2, k_blocks=2),
     MgpuGemmConfig(64, 64, "m", max_concurrent_steps=6),
 )
 DIMS = (((1,), (1,)), ((), ()))   # contract the K axes of [M, K] and [N, K]
@@ -154,7 +154,8 @@ def _cfg_name(cfg: GemmConfig) -> str:
 
 
 def _mgpu_name(cfg: MgpuGemmConfig) -> str:
-    return f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
+    return (f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
+            f"/k{cfg.k_blocks}")
 
 
 def _summary(rep: Reporter) -> None:

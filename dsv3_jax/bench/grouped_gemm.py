@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.bench.timing import Deadline, Reporter, measure
-from dsv3_jax.kernels import grouped_gemm
+from dsv3_jax.kernels import grouped_gemm, grouped_gemm_mgpu
 from dsv3_jax.kernels.gemm import GemmConfig
 from dsv3_jax.kernels.grouped_gemm_mgpu import MgpuGroupedConfig
 from dsv3_jax.ops import fp8
@@ -38,7 +38,7 @@ BF16_CONFIGS = (
     GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
 )
 FP8_CONFIGS = (GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4),)
-MOSAIC_FP8_CONFIGS = (MgpuGroupedConfig(), MgpuGroupedConfig(max_concurrent_steps=4),
+MOSAIC_FP8_CONFIGS = (grouped_gemm_mgpu.DEFAULT_CONFIG, grouped_gemm_mgpu.ONE_BLOCK_CONFIG,
                       MgpuGroupedConfig(wg_dim="n", max_concurrent_steps=4))
 
 
@@ -81,7 +81,7 @@ def run(out: str | None = None, layouts: str = "all", repeats: int = 2, iters: i
 
 def _cfg_name(cfg: GemmConfig | MgpuGroupedConfig) -> str:
     if isinstance(cfg, MgpuGroupedConfig):     # per-warpgroup tile / warpgroups stacked along m or n / stages
-        return f"{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}"
+        return f"{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/k{cfg.k_blocks}"
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}"
 
 
@@ -143,7 +143,7 @@ def _bench_wgrad(rep: Reporter, deadline: Deadline, base: dict, sizes: jax.Array
     ref = fp8.scaled_grouped_wgrad(*fp8_sets[0], sizes, backend="xla") if sizes.shape[0] <= 8 else None
     configs = [("pallas_fp8_wgrad", grouped_gemm.DEFAULT_FP8)]
     if jax.default_backend() == "gpu":
-        configs.append(("mosaic_fp8_wgrad", MOSAIC_FP8_CONFIGS[0]))
+        configs.append(("mosaic_fp8_wgrad", grouped_gemm_mgpu.WGRAD_CONFIG))
     for impl, cfg in configs:
         op = functools.partial(_fp8_wgrad, sizes=sizes, cfg=cfg)
         measure(rep, deadline, base, impl, op, fp8_sets, ref, flops, _cfg_name(cfg), **timing)
