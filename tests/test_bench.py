@@ -33,3 +33,15 @@ def test_pipeline_step_bench_runs_pipe2_against_pipe1_with_equal_losses():
     assert (one["pipe"], two["pipe"]) == (1, 2) and one["step_s"] > 0 and two["step_s"] > 0
     assert summary["loss_difference"] < 1e-2 and summary["bubble_share_schedule"] == 0.0   # (pp/2 - 1) = 0
     assert summary["bubble_share_measured"] == pytest.approx(1 - one["step_s"] / (2 * two["step_s"]))
+
+
+def test_accuracy_data_is_seeded_shuffled_windows_of_the_stdlib():
+    a, b = train.stdlib_windows(64, 257, seed=0, pool_bytes=2 ** 20), train.stdlib_windows(64, 257, seed=0,
+                                                                                            pool_bytes=2 ** 20)
+    np.testing.assert_array_equal(a, b)                               # both precisions see the same batches
+    assert a.shape == (64, 257) and a.dtype == np.int32 and a.min() >= 0 and a.max() < 256
+    assert not np.array_equal(a, train.stdlib_windows(64, 257, seed=1, pool_bytes=2 ** 20))
+    pool = train.stdlib_windows(1, 2 ** 20, seed=0, pool_bytes=2 ** 20)[0]   # the whole pool, in order
+    starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(pool, 16) == w[:16]).all(1))[0])
+              for w in a[:8]]
+    assert len(set(starts)) == 8 and sorted(starts) != starts          # distinct offsets, not in stream order

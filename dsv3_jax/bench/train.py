@@ -16,8 +16,9 @@ step time (median of --steps after 2 warm-up steps), tokens/s, model TFLOP/s and
 peak), peak GPU memory (allocator peak) and compile time.
 
 Accuracy (`--accuracy_steps N`): the `small` config trained N steps from one seed on the same batches
-(bytes of the Python standard library's sources, the device's own copy) in BF16 and in FP8 with
-`train_step`; the record holds both loss curves and the relative difference of the smoothed losses.
+(256-byte windows at seeded random offsets of the Python standard library's sources, the device's own copy:
+a shuffled stream, as training data is) in BF16 and in FP8 with `train_step`; the record holds both loss
+curves and the relative difference of the smoothed losses.
 `--accuracy_control` trains BF16 a second time: its difference from the first BF16 run is the noise floor
 of the comparison (on GPU, atomics make two identical runs differ from the first steps, and training at
 a small batch and a high learning rate amplifies any difference). A deterministic comparison (bench/RESULTS.md
@@ -138,16 +139,23 @@ def _time_steps(cfg: Any, spec: dict[str, Any], params: Any, tokens: Any) -> dic
     return {"step_s": float(np.median(times)), "step_s_all": times, "compile_s": compile_s, "loss": float(loss)}
 
 
-def stdlib_bytes(n: int) -> np.ndarray:
-    """The first n bytes of this Python's standard-library sources (sorted paths) as int32 token ids 0..255."""
+def stdlib_windows(count: int, length: int, seed: int = 0, pool_bytes: int = 16 * 2 ** 20) -> np.ndarray:
+    """`count` windows of `length` bytes at seeded random offsets into the first `pool_bytes` of this Python's
+    standard-library sources (sorted paths, site-packages left out), as int32 token ids 0..255 [count, length]:
+    a shuffled stream, so that consecutive steps do not walk through one module after another."""
     chunks, total = [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= n:
+        if "site-packages" in path.parts:
+            continue
+        chunks.append(path.read_bytes())
+        total += len(chunks[-1])
+        if total >= pool_bytes:
             break
-    return np.frombuffer(b"".join(chunks)[:n], np.uint8).astype(np.int32)
+    pool = np.frombuffer(b"".join(chunks)[:pool_bytes], np.uint8)
+    if len(pool) < length:
+        raise ValueError(f"the standard-library sources hold {len(pool)} bytes, fewer than one window of {length}")
+    starts = np.random.default_rng(seed).integers(0, len(pool) - length + 1, count)
+    return pool[starts[:, None] + np.arange(length)].astype(np.int32)
 
 
 def precision_name(spec: dict[str, Any]) -> str:
@@ -176,7 +184,7 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
                          lr_decay_start_tokens=int(0.6 * total), lr_decay_tokens=int(0.35 * total),
                          min_lr_tokens=int(0.03 * total), mtp_weight_switch_tokens=int(0.6 * total),
                          bias_update_speed=1e-3, bias_update_stop_tokens=int(0.95 * total))
-    data = stdlib_bytes(steps * b * (t + 1)).reshape(steps, b, t + 1)
+    data = stdlib_windows(steps * b, t + 1, seed=spec.get("seed", 0)).reshape(steps, b, t + 1)
     optimizer = make_optimizer(recipe)
     state = init_state(init_params(cfg, jax.random.key(spec.get("seed", 0))), optimizer)
     step_fn = jax.jit(lambda s, x, h: train_step(cfg, optimizer, s, x, h), donate_argnums=0)
