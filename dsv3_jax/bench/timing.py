@@ -9,6 +9,7 @@ and synchronization cost which would otherwise dominate sub-100-microsecond kern
 
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 import jax
 
-DATE = "2026-11-24"
+DATE = datetime.date.today().isoformat()   # of the machine that measured (records carry it)
 
 
 def device_info() -> dict[str, Any]:
