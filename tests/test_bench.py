@@ -45,3 +45,25 @@ def test_accuracy_data_is_seeded_shuffled_windows_of_the_stdlib():
     starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(pool, 16) == w[:16]).all(1))[0])
               for w in a[:8]]
     assert len(set(starts)) == 8 and sorted(starts) != starts          # distinct offsets, not in stream order
+
+
+def test_forward_penalties_split_the_heldout_gap_into_forward_and_weights():
+    runs = {"bf16": {"heldout_loss": 2.0, "heldout_loss_other_precision": 2.01},
+            "fp8": {"heldout_loss": 2.03, "heldout_loss_other_precision": 2.02}}
+    gap = train.forward_penalties(runs)
+    assert gap["heldout_gap_fp8"] == pytest.approx(0.015)
+    assert gap["heldout_gap_fp8_weights_bf16_forward"] == pytest.approx(0.01)
+    assert gap["heldout_gap_bf16_weights_fp8_forward"] == pytest.approx(0.005)
+
+
+def test_heldout_loss_scores_params_in_either_precision():
+    from dsv3_jax.config import load_config
+    from dsv3_jax.model.functional import init_params
+
+    cfg = load_config("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    batches = train.stdlib_windows(2 * 2, 17, seed=1, pool_bytes=2 ** 16).reshape(2, 2, 17)
+    bf16 = train.heldout_loss(cfg, params, batches)
+    fp8 = train.heldout_loss(load_config("tiny", fp8=True), params, batches)
+    assert abs(bf16 - np.log(cfg.vocab_size)) < 0.1              # untrained: about uniform over the vocabulary
+    assert 0 < abs(fp8 - bf16) < 1e-2                             # FP8 quantization moves the loss, a little

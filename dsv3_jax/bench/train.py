@@ -49,6 +49,7 @@ from dsv3_jax.bench.timing import Reporter
 
 PROCESS_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}   # one process per measurement may use the whole GPU
 SMOOTH = 20                                                 # moving-average window of the accuracy comparison
+HELDOUT_BATCHES = 4                                         # batches of other windows scoring the trained weights
 
 
 def default_specs(config: str, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -196,8 +197,39 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
         state, metrics = step_fn(state, jnp.asarray(data[i]), hyper)
         losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
+    wall = time.perf_counter() - t0
+    heldout = stdlib_windows(HELDOUT_BATCHES * b, t + 1, seed=spec.get("seed", 0) + 1).reshape(-1, b, t + 1)
+    other = load_config(spec["config"], fp8=not spec["fp8"], attention_impl=spec.get("attention", "flash"))
     return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": precision_name(spec),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "losses": losses, "wall_s": time.perf_counter() - t0}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "losses": losses, "wall_s": wall,
+            "heldout_loss": heldout_loss(cfg, state.params, heldout),
+            "heldout_loss_other_precision": heldout_loss(other, state.params, heldout)}
+
+
+def heldout_loss(cfg: Any, params: Any, batches: np.ndarray) -> float:
+    """Mean next-token CE (nats/token) of params under cfg's precision over batches [n, batch, seq + 1]."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.train.step import eval_step
+
+    step = jax.jit(lambda p, x: eval_step(cfg, p, x))
+    sums = jax.device_get([step(params, jnp.asarray(x)) for x in batches])
+    return float(sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums))
+
+
+def forward_penalties(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Split FP8's held-out loss gap into the FP8 forward's error and the weights FP8 training reached:
+    (L - L_bf16) / L_bf16 with L_bf16 the BF16 run's weights in BF16, for the FP8 run's weights in FP8 (the
+    whole gap), the FP8 run's weights in BF16 (what training in FP8 changed) and the BF16 weights in FP8 (what
+    the FP8 forward alone costs)."""
+    bf16, fp8 = runs["bf16"], runs["fp8"]
+    base = bf16["heldout_loss"]
+    rel = lambda x: (x - base) / base
+    return {"heldout_loss_bf16": base, "heldout_loss_fp8": fp8["heldout_loss"],
+            "heldout_gap_fp8": rel(fp8["heldout_loss"]),
+            "heldout_gap_fp8_weights_bf16_forward": rel(fp8["heldout_loss_other_precision"]),
+            "heldout_gap_bf16_weights_fp8_forward": rel(bf16["heldout_loss_other_precision"])}
 
 
 def smoothed(x: list[float], window: int = SMOOTH) -> np.ndarray:
@@ -284,6 +316,7 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
         if only == "all" or spec["name"] in only.split(","):
             jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})]))
     curves: dict[str, list[float]] = {}
+    runs: dict[str, dict[str, Any]] = {}
     for name, args in jobs:
         left = deadline - time.monotonic()
         if left < 30:
@@ -296,12 +329,14 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
             rep.emit(**{**r, "name": name})
             if r.get("mode") == "accuracy":
                 curves[r["precision"]] = r["losses"]
+                runs[r["precision"]] = r
     if "bf16" in curves and "fp8" in curves:
         for other, name in (("fp8", "accuracy_summary"), ("bf16_rerun", "accuracy_control_bf16_rerun")):
             if other in curves:
                 rep.emit(name=name, config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch,
                          peak_lr=accuracy_lr, attention=accuracy_attention, smooth_window=SMOOTH,
-                         **compare_curves(curves["bf16"], curves[other]))
+                         **compare_curves(curves["bf16"], curves[other]),
+                         **(forward_penalties(runs) if other == "fp8" else {}))
         if plot:
             try:
                 plot_curves(curves, plot, f"{accuracy_config}: BF16 vs FP8, same seed and data\n{accuracy_steps} "
