@@ -170,6 +170,26 @@ def promote(a_blocks: Sequence[Any], b_blocks: Sequence[Any], as_smem: Any, bs_s
     return pl.run_scoped(mma, *(plgpu.ACC(shape, jnp.float32) for _ in a_blocks))
 
 
+def warpgroup_slices(cfg: WarpgroupTiles, wg: jax.Array) -> tuple[pl.Slice, pl.Slice]:
+    """Warpgroup `wg`'s rows and columns of its CTA tile [cta_m, cta_n] (its tile_m x tile_n half)."""
+    rows = pl.ds(wg * cfg.tile_m, cfg.tile_m) if cfg.wg_dim == "m" else pl.ds(0, cfg.tile_m)
+    cols = pl.ds(wg * cfg.tile_n, cfg.tile_n) if cfg.wg_dim == "n" else pl.ds(0, cfg.tile_n)
+    return rows, cols
+
+
+def promote_step(cfg: WarpgroupTiles, wg_rows: pl.Slice, wg_cols: pl.Slice, b_uniform: bool) -> Callable[..., Any]:
+    """`k_pipeline`'s body for the whole-tile GEMMs: the step's refs split into its K blocks of a and b and the
+    scales, then `promote` on this warpgroup's rows of a and columns of b."""
+    u = cfg.k_blocks
+
+    def body(_, *refs):
+        a_blocks, b_blocks, (as_smem, bs_smem, acc) = refs[:u], refs[u:2 * u], refs[2 * u:]
+        return promote([a.at[wg_rows] for a in a_blocks], b_blocks, as_smem, bs_smem, acc, wg_rows, wg_cols,
+                       cfg.tile_m, cfg.tile_n, b_uniform)
+
+    return body
+
+
 def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
     """A zero FP32 accumulator tile in the WGMMA register layout."""
     zeros = jnp.zeros((tile_m, tile_n), jnp.float32)
@@ -183,8 +203,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     n = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    u = cfg.k_blocks
-    m_iters, n_iters, k_steps = m // cta_m, n // cta_n, k // (SCALE_BLOCK * u)
+    m_iters, n_iters, k_steps = m // cta_m, n // cta_n, k // (SCALE_BLOCK * cfg.k_blocks)
     epi_n = min(cfg.epi_tile_n, tile_n)
     out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
@@ -210,13 +229,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_dim == "n" else 0,
                                         cfg.grid_tile_width)
             cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            wg_rows = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
-            wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
-
-            def body(_, *refs):
-                a_blocks, b_blocks, (as_smem, bs_smem, acc) = refs[:u], refs[u:2 * u], refs[2 * u:]
-                return promote([a.at[wg_rows] for a in a_blocks], b_blocks, as_smem, bs_smem, acc, wg_rows, wg_cols,
-                               tile_m, tile_n, b_uniform)
+            wg_rows, wg_cols = warpgroup_slices(cfg, wg)
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
@@ -232,7 +245,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_smem.at[wg, slot],
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
-            pipeline(body, compute_context)(
+            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context)(
                 *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows],
                             bs_gmem.at[:, cta_cols]),
                 allocations=allocs)

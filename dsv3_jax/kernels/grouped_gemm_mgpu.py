@@ -53,6 +53,8 @@ from dsv3_jax.kernels.gemm_mgpu import (
     k_operands,
     k_pipeline,
     promote,
+    promote_step,
+    warpgroup_slices,
     wgmma_zeros,
 )
 
@@ -112,8 +114,7 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
     n_groups, n = b_gmem.shape[:2]
     n_tiles = group_gmem.shape[0]
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    u = cfg.k_blocks
-    n_iters, k_steps = n // cta_n, k // (SCALE_BLOCK * u)
+    n_iters, k_steps = n // cta_n, k // (SCALE_BLOCK * cfg.k_blocks)
     stages = min(cfg.max_concurrent_steps, k_steps)      # the dynamic-length pipeline keeps every slot it is given
     pipeline = functools.partial(k_pipeline, cfg, stages)
     ignore = lambda *_, **__: None
@@ -138,20 +139,14 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
             steps = k_steps * ((hi > lo) & (group < n_groups)).astype(jnp.int32)
             row0 = lo // cta_m * cta_m
             cta_rows, cta_cols = pl.ds(row0, cta_m), pl.ds(ni * cta_n, cta_n)
-            wg_rows = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
-            wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
-
-            def body(_, *refs):
-                a_blocks, b_blocks, (as_smem, bs_smem, acc) = refs[:u], refs[u:2 * u], refs[2 * u:]
-                return promote([a.at[wg_rows] for a in a_blocks], b_blocks, as_smem, bs_smem, acc, wg_rows, wg_cols,
-                               tile_m, tile_n, b_uniform)
+            wg_rows, wg_cols = warpgroup_slices(cfg, wg)
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_gmem.dtype)
-                first = row0 + (wg * tile_m if cfg.wg_dim == "m" else 0)        # this warpgroup's first row
+                first = row0 + wg_rows.start                                     # this warpgroup's first row
                 start = jnp.clip(lo - first, 0, tile_m)
                 count = jnp.clip(hi - first, 0, tile_m) - start
-                cols = pl.ds(ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0), tile_n)
+                cols = pl.ds(ni * cta_n + wg_cols.start, tile_n)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # the last tile's stores have read out_smem
                 out_smem[wg] = acc
                 plgpu.commit_smem()
@@ -159,7 +154,7 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
                     pl.when(on)(functools.partial(plgpu.copy_smem_to_gmem, out_smem.at[wg, pl.ds(offset, size)],
                                                   out_gmem.at[pl.ds(first + offset, size), cols]))
 
-            pipeline(body, compute_context, steps)(
+            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, steps)(
                 *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[g].at[cta_cols], as_gmem.at[:, cta_rows],
                             bs_gmem.at[g].at[:, cta_cols]),
                 allocations=allocs)
@@ -226,8 +221,7 @@ def _wgrad_kernel(start_gmem, end_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gm
             first_block = start // SCALE_BLOCK
             steps = (pl.cdiv(end, SCALE_BLOCK) - first_block) * (end > start).astype(jnp.int32)
             cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            wg_rows = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
-            wg_cols = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
+            wg_rows, wg_cols = warpgroup_slices(cfg, wg)
 
             def body(idx, a_smem, b_smem, as_smem, bs_smem, acc):
                 t0 = (first_block + idx[0]) * SCALE_BLOCK
@@ -246,8 +240,8 @@ def _wgrad_kernel(start_gmem, end_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gm
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret))
-                rows = pl.ds(mi * cta_m + (wg * tile_m if cfg.wg_dim == "m" else 0), tile_m)
-                cols = pl.ds(ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0), tile_n)
+                rows = pl.ds(mi * cta_m + wg_rows.start, tile_m)
+                cols = pl.ds(ni * cta_n + wg_cols.start, tile_n)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # the last tile's store has read out_smem
                 out_smem[wg] = acc
                 plgpu.commit_smem()
