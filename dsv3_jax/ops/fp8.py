@@ -19,8 +19,11 @@ operands quantized along its own contraction axis and accumulates in FP32:
 
     fprop  y  = x  . W        x: 1x128 along K,           W: 128x128 (read as W^T [N, K], K-major)
     dgrad  dx = dy . W^T      dy: 1x128 along N,          W: the same 128x128 blocks ([K, N] is K-major here)
-    wgrad  dW = x^T . dy      x^T, dy^T: 1x128 along M (the cached FP8 x is dequantized, transposed and
-                              re-quantized, as the paper describes); dW comes back in W's dtype (FP32 master)
+    wgrad  dW = x^T . dy      x^T, dy^T: 1x128 along M; dW comes back in W's dtype (FP32 master)
+
+The forward caches for the backward what its GEMMs read: W's FP8 blocks and x^T in FP8 tiles along M,
+quantized once from x itself. (The paper caches the fprop's FP8 x and dequantizes, transposes and
+re-quantizes it for the wgrad: two roundings of x where this takes one, for the same cached bytes.)
 
 `fp8_grouped_matmul` is the same for MoE experts (tokens sorted by expert, W [G, K, N], per-group wgrad).
 Backends: "xla" dequantizes and runs an FP32 dot / ragged_dot (the reference, any device); "pallas" runs
@@ -185,15 +188,14 @@ def _fp8_matmul_fwd(x, w, out_dtype, ue8m0, backend):
     xq, xs = quantize(x, ACT_BLOCK, ue8m0=ue8m0)
     wq, ws = _quantize_weight(w, ue8m0)
     y = scaled_matmul(xq, xs, wq.T, ws.T, b_block=TILE, out_dtype=out_dtype, backend=backend)
-    # residuals: the FP8 operands (the paper caches activations in FP8); zero-size arrays carry the primal dtypes
-    return y, (xq, xs, wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    # residuals: FP8 operands of the backward's GEMMs; zero-size arrays carry the primal dtypes
+    return y, (*_token_tiles(x, ue8m0), wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _fp8_matmul_bwd(out_dtype, ue8m0, backend, res, dy):
-    xq, xs, wq, ws, x_like, w_like = res
+    x_t, x_ts, wq, ws, x_like, w_like = res                                            # x^T [K, M], 1x128 along M
     dyq, dys = quantize(dy, ACT_BLOCK, ue8m0=ue8m0)                                    # 1x128 along N
     dx = scaled_matmul(dyq, dys, wq, ws, b_block=TILE, out_dtype=x_like.dtype, backend=backend)
-    x_t, x_ts = _token_tiles(dequantize(xq, xs, ACT_BLOCK), ue8m0)                     # [K, M], 1x128 along M
     dy_t, dy_ts = _token_tiles(dy, ue8m0)                                              # [N, M]
     dw = scaled_matmul(x_t, x_ts, dy_t, dy_ts, b_block=1, out_dtype=jnp.float32, backend=backend)
     return dx, dw.astype(w_like.dtype)
@@ -214,14 +216,13 @@ def _fp8_grouped_fwd(x, w, group_sizes, out_dtype, ue8m0, backend):
     wq, ws = _quantize_weight(w, ue8m0)                                                # [G, K, N], [G, Kb, Nb]
     y = scaled_grouped_matmul(xq, xs, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2), group_sizes,
                               out_dtype=out_dtype, backend=backend)
-    return y, (xq, xs, wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return y, (*_token_tiles(x, ue8m0), wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _fp8_grouped_bwd(out_dtype, ue8m0, backend, res, dy):
-    xq, xs, wq, ws, group_sizes, x_like, w_like = res
+    x_t, x_ts, wq, ws, group_sizes, x_like, w_like = res
     dyq, dys = quantize(dy, ACT_BLOCK, ue8m0=ue8m0)
     dx = scaled_grouped_matmul(dyq, dys, wq, ws, group_sizes, out_dtype=x_like.dtype, backend=backend)
-    x_t, x_ts = _token_tiles(dequantize(xq, xs, ACT_BLOCK), ue8m0)
     dy_t, dy_ts = _token_tiles(dy, ue8m0)
     dw = scaled_grouped_wgrad(x_t, x_ts, dy_t, dy_ts, group_sizes, backend=backend)
     return dx, dw.astype(w_like.dtype), np.zeros(group_sizes.shape, jax.dtypes.float0)
