@@ -11,8 +11,10 @@ Quantization to float8_e4m3fn with FP32 scales, one scale per block of the last 
 Edge blocks smaller than 128 count as zero-padded (their amax is unchanged). `ue8m0=True` rounds each
 scale up to a power of two (DeepSeek-V3.1's `scale_fmt: ue8m0`). The same `quantize`/`dequantize`
 serve checkpoints (`dsv3_jax.convert.fp8_blocks`, numpy on the host, `eps=0`: amax / 448 with
-all-zero blocks at scale 1, DeepSeek's weight format) and training (jnp, `eps=1e-4` as DeepSeek's
-activation quantizer).
+all-zero blocks at scale 1, DeepSeek's weight format) and training (jnp, `eps=SCALE_EPS`, a floor that only
+keeps all-zero tiles finite). DeepGEMM's activation quantizer floors amax at 1e-4; that floor flushes the
+gradients of a token-mean loss (1e-6 and below), and FP8 then trains measurably worse (bench/RESULTS.md
+run 7: 1.44% above BF16 after 300 steps of `small` with it, 0.27% without it).
 
 FP8 linear y = x W (x [M, K], W [K, N], any float dtypes) with `jax.custom_vjp`; every GEMM takes FP8
 operands quantized along its own contraction axis and accumulates in FP32:
@@ -49,7 +51,7 @@ from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
 TILE = 128
-SCALE_EPS = 1e-4            # DeepSeek's activation quantizer floors amax at 1e-4
+SCALE_EPS = 1e-30           # amax floor: all-zero tiles get the normal FP32 scale 1e-30 / 448, real values no floor
 ACT_BLOCK = (1, TILE)
 WEIGHT_BLOCK = (TILE, TILE)
 BACKENDS = ("auto", "xla", "pallas")
