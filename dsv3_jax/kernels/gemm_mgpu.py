@@ -87,12 +87,17 @@ def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
     return m % config.cta_m == 0 and n % config.cta_n == 0 and k % (SCALE_BLOCK * config.k_blocks) == 0
 
 
+def pipeline_bytes(config: WarpgroupTiles) -> int:
+    """Shared memory of `k_pipeline`'s buffers: per step in flight `k_blocks` 128-wide K blocks of a and b
+    (FP8) and their FP32 scales."""
+    return config.max_concurrent_steps * config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+
+
 def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
-    """Shared memory of the kernel's buffers: per pipeline stage a 128-wide K block of a and b (FP8) and
-    their FP32 scales, plus the double-buffered epilogue tiles of both warpgroups (barriers not counted)."""
-    stage = config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+    """Shared memory of the kernel's buffers: the K pipeline's, plus the double-buffered epilogue tiles of both
+    warpgroups (barriers not counted)."""
     epilogue = 2 * 2 * min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
-    return config.max_concurrent_steps * stage + epilogue
+    return pipeline_bytes(config) + epilogue
 
 
 def fit_smem(config: WarpgroupTiles, out_dtype: jnp.dtype,

@@ -73,10 +73,9 @@ WGRAD_CONFIG = MgpuGroupedConfig()         # wgrad: its masked boundary blocks a
 
 
 def smem_bytes(config: MgpuGroupedConfig, out_dtype: jnp.dtype) -> int:
-    """Shared memory of the buffers: per pipeline stage a 128-wide K block of lhs and rhs (FP8) and their
-    FP32 scales, plus one output tile per math warpgroup (barriers not counted)."""
-    stage = config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
-    return config.max_concurrent_steps * stage + 2 * config.tile_m * config.tile_n * jnp.dtype(out_dtype).itemsize
+    """Shared memory of the buffers: the K pipeline's (`gemm_mgpu.pipeline_bytes`), plus one output tile per
+    math warpgroup (barriers not counted)."""
+    return gemm_mgpu.pipeline_bytes(config) + 2 * config.tile_m * config.tile_n * jnp.dtype(out_dtype).itemsize
 
 
 def fit_smem(config: MgpuGroupedConfig, out_dtype: jnp.dtype) -> MgpuGroupedConfig:
