@@ -201,11 +201,10 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
     losses = [float(x) for x in jax.device_get(losses)]
     wall = time.perf_counter() - t0
     heldout = stdlib_windows(HELDOUT_BATCHES * b, t + 1, seed=spec.get("seed", 0) + 1).reshape(-1, b, t + 1)
-    other = load_config(spec["config"], fp8=not spec["fp8"], attention_impl=spec.get("attention", "flash"))
     return {**device_info(), **spec, "impl": "jax", "mode": "accuracy", "precision": precision_name(spec),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "losses": losses, "wall_s": wall,
             "heldout_loss": heldout_loss(cfg, state.params, heldout),
-            "heldout_loss_other_precision": heldout_loss(other, state.params, heldout)}
+            "heldout_loss_other_precision": heldout_loss(cfg.replace(fp8=not cfg.fp8), state.params, heldout)}
 
 
 def heldout_loss(cfg: Any, params: Any, batches: np.ndarray) -> float:
