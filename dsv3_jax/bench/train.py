@@ -19,8 +19,10 @@ Accuracy (`--accuracy_steps N`): the `small` config trained N steps from one see
 (256-byte windows at seeded random offsets of the Python standard library's sources, the device's own copy:
 a shuffled stream, as training data is) in BF16 and in FP8 with `train_step`; the record holds both loss
 curves and the relative difference of the smoothed losses. Each run's final weights are then scored on
-held-out windows (another seed) in its own precision and in the other one (`forward_penalties`): how much of
-FP8's gap is the FP8 forward's error on any weights, and how much the weights that FP8 training reached.
+held-out windows (another seed of the same pool, so some of their bytes were also trained on: the same
+batches for both runs, not a clean generalization measure) in its own precision and in the other one
+(`forward_penalties`): how much of FP8's gap is the FP8 forward's error on any weights, and how much the
+weights that FP8 training reached.
 `--accuracy_control` trains BF16 a second time: its difference from the first BF16 run is the noise floor
 of the comparison (on GPU, atomics make two identical runs differ from the first steps, and training at
 a small batch and a high learning rate amplifies any difference). A deterministic comparison (bench/RESULTS.md
