@@ -32,12 +32,19 @@ import jax.numpy as jnp
 from dsv3_jax.bench.timing import Reporter
 
 
-def device_kernel_times(trace_dir: str, runs: int) -> dict[str, float]:
-    """{kernel name: ms per run} summed over the stream lines of the device planes of the trace in trace_dir.
+def kernel_key(name: str, stats: dict[str, Any]) -> str:
+    """A kernel event's name, followed by ` @ ` and the HLO instruction that launched it when that differs.
 
-    XLA fusions appear under their HLO names (`input_scatter_fusion_1`, matching `compiled.as_text()`),
-    library and Pallas kernels under their own (cuBLAS `sm90_xmma_...`, `grouped_gemm`).
+    XLA fusions appear under their HLO names (`input_scatter_fusion_1`, matching `compiled.as_text()`);
+    library and Pallas kernels under their own (cuBLAS `nvjet_...`, `fp8_grouped_gemm`), and every Mosaic GPU
+    kernel as `anonymous_mosaic_gpu_kernel`: the `hlo_op` stat (`custom-call.12`) tells them apart.
     """
+    op = stats.get("hlo_op")
+    return name if not op or op == name else f"{name} @ {op}"
+
+
+def device_kernel_times(trace_dir: str, runs: int) -> dict[str, float]:
+    """{kernel_key: ms per run} summed over the stream lines of the device planes of the trace in trace_dir."""
     from jax.profiler import ProfileData
 
     totals: collections.Counter = collections.Counter()
@@ -47,7 +54,8 @@ def device_kernel_times(trace_dir: str, runs: int) -> dict[str, float]:
                 for line in plane.lines:
                     if line.name.startswith("Stream"):
                         for event in line.events:
-                            totals[event.name] += event.duration_ns / 1e6 / runs
+                            key = kernel_key(event.name, dict(event.stats))
+                            totals[key] += event.duration_ns / 1e6 / runs
     return dict(totals)
 
 
