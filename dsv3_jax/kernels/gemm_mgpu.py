@@ -160,7 +160,7 @@ def promote(a_blocks: Sequence[Any], b_blocks: Sequence[Any], as_smem: Any, bs_s
 
     def mma(*parts):
         for part, a, b in zip(parts, a_blocks, b_blocks, strict=True):
-            plgpu.wgmma(part, a, plgpu.transpose_ref(b.at[wg_cols], (1, 0)))
+            plgpu.wgmma(part, a, b.at[wg_cols].transpose((1, 0)))
         out = acc
         for j, part in enumerate(parts):
             block = plgpu.wgmma_accumulator_load(part, wait_n=len(parts) - 1 - j)
