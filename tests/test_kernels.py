@@ -1,5 +1,6 @@
 """Pallas kernels in interpret mode (CPU; compiled on a GPU) against the jnp references: blockwise-FP8 GEMM,
-grouped GEMM in BF16 and FP8 with its backward, and the flash attention path against the reference attention.
+grouped GEMM in BF16 and FP8 with its backward, the fused FP8 quantization, and the flash attention path
+against the reference attention.
 
 Interpret mode fills kernel outputs with NaN before the run, so an element a kernel forgets to write fails
 the comparisons below. Tiles are small (32-64) so that few-hundred-row problems span many tiles, ragged
@@ -269,6 +270,38 @@ def test_fp8_grouped_matmul_gradients_on_mosaic_kernels():
         grads[backend] = (out, *vjp(dy))
     for got, want in zip(grads["pallas"], grads["xla"], strict=True):   # FP8 WGMMA sums with ~14 bits (see above)
         assert rel(got, want) < 1e-3
+
+
+def assert_same_quantization(got: tuple, want: tuple) -> None:
+    """Scales equal; FP8 codes equal but for rare one-step differences, which XLA's CPU conversion makes at exact
+    rounding ties (its f32 -> e4m3 path rounds twice; e.g. 0.006835937 -> 2^-7 where round-to-even gives 3 x 2^-9)."""
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if w.dtype != jnp.float8_e4m3fn:
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            continue
+        g8, w8 = (np.asarray(a).view(np.uint8).astype(np.int32) for a in (g, w))
+        differ = g8 != w8
+        assert differ.mean() < 1e-3
+        assert np.all(np.abs((g8 & 0x7F) - (w8 & 0x7F))[differ] <= 1)
+        assert np.all(((g8 ^ w8) & 0x80)[differ & ((g8 & 0x7F) > 0) & ((w8 & 0x7F) > 0)] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(300, 200), (256, 384), (129, 130)])
+def test_fused_quantization_matches_both_jnp_orientations(shape, dtype):
+    """One kernel pass gives what the two jnp quantizations give (codes and scales, both orientations, activation
+    tiles and weight blocks), ragged edges and an all-zero tile included."""
+    x = (normal(0, shape) * jnp.exp(2 * normal(1, (shape[0], 1)))).at[:128, :128].set(0).astype(dtype)
+    for quantizer in (fp8.quantize_activation, fp8.quantize_weight):
+        assert_same_quantization(quantizer(x, False, "pallas"), quantizer(x, False, "xla"))
+
+
+def test_fused_weight_quantization_keeps_expert_axis():
+    w = normal(2, (3, 130, 260))
+    got = fp8.quantize_weight(w, False, "pallas")
+    assert [g.shape for g in got] == [(3, 130, 260), (3, 260, 130), (3, 2, 3)]
+    assert_same_quantization(got, fp8.quantize_weight(w, False, "xla"))
 
 
 def test_flash_attention_matches_reference():

@@ -25,9 +25,12 @@ operands quantized along its own contraction axis and accumulates in FP32:
 
 The forward caches for the backward what its GEMMs read: W's FP8 blocks and x^T in FP8 tiles along M,
 quantized once from x itself. (The paper caches the fprop's FP8 x and dequantizes, transposes and
-re-quantizes it for the wgrad: two roundings of x where this takes one, for the same cached bytes. Its cost is
-not settled: the proxy-1gpu FP8 step was 8.8% behind BF16 with it and 3.6% without it, in different calls,
-bench/RESULTS.md runs 6-7.)
+re-quantizes it for the wgrad: two roundings of x where this takes one, for the same cached bytes.) Each
+activation and gradient is needed in both orientations and each weight as [K, N] and [N, K] blocks:
+`quantize_activation` / `quantize_weight` give both from one read of x on the "pallas" backend (the fused
+kernel of `dsv3_jax.kernels.quantize`, the same codes and scales as the jnp path; FP32 weights excepted, see
+there). On H200 that took the proxy-1gpu FP8 forward + backward from 0.427 s (XLA's quantization fusions,
+8% behind BF16) to 0.391 s (2% ahead of BF16's 0.399 s), bench/RESULTS.md run 8.
 
 `fp8_grouped_matmul` is the same for MoE experts (tokens sorted by expert, W [G, K, N], per-group wgrad).
 Backends: "xla" dequantizes and runs an FP32 dot / ragged_dot (the reference, any device); "pallas" runs
@@ -49,6 +52,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm
+from dsv3_jax.kernels import quantize as quantize_kernel
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
@@ -170,16 +174,39 @@ def scaled_grouped_wgrad(a_t: jax.Array, a_scale: jax.Array, b_t: jax.Array, b_s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Both orientations of each GEMM operand: jnp (two fusions) or one fused kernel pass.
+
+_KERNEL_SCALES = functools.partial(scales_from_amax, eps=SCALE_EPS)
+
+
+def quantize_activation(x: jax.Array, ue8m0: bool, backend: str
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """x [M, C] -> (x in 1x128 tiles along C, scales [M, Cb]; x^T [C, M] in 1x128 tiles along M, scales [C, Mb]).
+
+    "pallas" reads x once (`dsv3_jax.kernels.quantize`); "xla" and ue8m0 scales take the two jnp quantizations.
+    """
+    mode = resolve_backend(backend)
+    if mode == "xla" or ue8m0:
+        return (*quantize(x, ACT_BLOCK, ue8m0=ue8m0), *quantize(x.T, ACT_BLOCK, ue8m0=ue8m0))
+    return quantize_kernel.quantize_pair(x, _KERNEL_SCALES, interpret=mode == "interpret")
+
+
+def quantize_weight(w: jax.Array, ue8m0: bool, backend: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """w [..., K, N] -> (fp8 [..., K, N], the same transposed [..., N, K], 128x128 block scales [..., Kb, Nb]).
+
+    "pallas" takes the fused kernel for BF16 weights; FP32 ones (master weights) take XLA's fusions: ptxas
+    crashes compiling the kernel's FP32 weight variant at unmasked shapes (jax 0.11.2, H200; it runs in
+    interpret mode and compiles for FP32 activations), and XLA quantizes them at 1.3-1.6 TB/s (RESULTS.md run 8).
+    """
+    mode = resolve_backend(backend)
+    if mode == "xla" or ue8m0 or (mode == "pallas" and jnp.dtype(w.dtype).itemsize > 2):
+        wq, ws = quantize(w, WEIGHT_BLOCK, ue8m0=ue8m0)
+        return wq, jnp.swapaxes(wq, -1, -2), ws
+    return quantize_kernel.quantize_pair(w, _KERNEL_SCALES, weight=True, interpret=mode == "interpret")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # FP8 linear layers with custom VJPs.
-
-def _quantize_weight(w: jax.Array, ue8m0: bool) -> tuple[jax.Array, jax.Array]:
-    return quantize(w, WEIGHT_BLOCK, ue8m0=ue8m0)
-
-
-def _token_tiles(x: jax.Array, ue8m0: bool) -> tuple[jax.Array, jax.Array]:
-    """x [M, C] -> its transpose [C, M] in fp8 with 1x128 tiles along the tokens, scales [C, Mb]."""
-    return quantize(x.T, ACT_BLOCK, ue8m0=ue8m0)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def fp8_matmul(x: jax.Array, w: jax.Array, out_dtype: Any = jnp.bfloat16, ue8m0: bool = False,
@@ -189,18 +216,17 @@ def fp8_matmul(x: jax.Array, w: jax.Array, out_dtype: Any = jnp.bfloat16, ue8m0:
 
 
 def _fp8_matmul_fwd(x, w, out_dtype, ue8m0, backend):
-    xq, xs = quantize(x, ACT_BLOCK, ue8m0=ue8m0)
-    wq, ws = _quantize_weight(w, ue8m0)
-    y = scaled_matmul(xq, xs, wq.T, ws.T, b_block=TILE, out_dtype=out_dtype, backend=backend)
+    xq, xs, x_t, x_ts = quantize_activation(x, ue8m0, backend)                         # x^T [K, M], 1x128 along M
+    wq, wq_t, ws = quantize_weight(w, ue8m0, backend)
+    y = scaled_matmul(xq, xs, wq_t, ws.T, b_block=TILE, out_dtype=out_dtype, backend=backend)
     # residuals: FP8 operands of the backward's GEMMs; zero-size arrays carry the primal dtypes
-    return y, (*_token_tiles(x, ue8m0), wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return y, (x_t, x_ts, wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _fp8_matmul_bwd(out_dtype, ue8m0, backend, res, dy):
-    x_t, x_ts, wq, ws, x_like, w_like = res                                            # x^T [K, M], 1x128 along M
-    dyq, dys = quantize(dy, ACT_BLOCK, ue8m0=ue8m0)                                    # 1x128 along N
+    x_t, x_ts, wq, ws, x_like, w_like = res
+    dyq, dys, dy_t, dy_ts = quantize_activation(dy, ue8m0, backend)                    # along N; dy^T [N, M]
     dx = scaled_matmul(dyq, dys, wq, ws, b_block=TILE, out_dtype=x_like.dtype, backend=backend)
-    dy_t, dy_ts = _token_tiles(dy, ue8m0)                                              # [N, M]
     dw = scaled_matmul(x_t, x_ts, dy_t, dy_ts, b_block=1, out_dtype=jnp.float32, backend=backend)
     return dx, dw.astype(w_like.dtype)
 
@@ -216,18 +242,17 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, out_d
 
 
 def _fp8_grouped_fwd(x, w, group_sizes, out_dtype, ue8m0, backend):
-    xq, xs = quantize(x, ACT_BLOCK, ue8m0=ue8m0)
-    wq, ws = _quantize_weight(w, ue8m0)                                                # [G, K, N], [G, Kb, Nb]
-    y = scaled_grouped_matmul(xq, xs, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2), group_sizes,
-                              out_dtype=out_dtype, backend=backend)
-    return y, (*_token_tiles(x, ue8m0), wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    xq, xs, x_t, x_ts = quantize_activation(x, ue8m0, backend)
+    wq, wq_t, ws = quantize_weight(w, ue8m0, backend)                                  # [G, K, N], [G, Kb, Nb]
+    y = scaled_grouped_matmul(xq, xs, wq_t, jnp.swapaxes(ws, 1, 2), group_sizes, out_dtype=out_dtype,
+                              backend=backend)
+    return y, (x_t, x_ts, wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _fp8_grouped_bwd(out_dtype, ue8m0, backend, res, dy):
     x_t, x_ts, wq, ws, group_sizes, x_like, w_like = res
-    dyq, dys = quantize(dy, ACT_BLOCK, ue8m0=ue8m0)
+    dyq, dys, dy_t, dy_ts = quantize_activation(dy, ue8m0, backend)
     dx = scaled_grouped_matmul(dyq, dys, wq, ws, group_sizes, out_dtype=x_like.dtype, backend=backend)
-    dy_t, dy_ts = _token_tiles(dy, ue8m0)
     dw = scaled_grouped_wgrad(x_t, x_ts, dy_t, dy_ts, group_sizes, backend=backend)
     return dx, dw.astype(w_like.dtype), np.zeros(group_sizes.shape, jax.dtypes.float0)
 
