@@ -67,3 +67,13 @@ def test_heldout_loss_scores_params_in_either_precision():
     fp8 = train.heldout_loss(load_config("tiny", fp8=True), params, batches)
     assert abs(bf16 - np.log(cfg.vocab_size)) < 0.1              # untrained: about uniform over the vocabulary
     assert 0 < abs(fp8 - bf16) < 1e-2                             # FP8 quantization moves the loss, a little
+
+
+def test_quantize_bench_compares_the_kernel_with_xla_on_cpu():
+    from dsv3_jax.bench import quantize
+
+    records = quantize.run(None, repeats=1, activations=((200, 300),), weights=((2, 130, 260),)).records
+    runs = {(r["kind"], r["dtype"], r["impl"]): r for r in records}
+    assert set(runs) == {("activation", "bfloat16", "xla"), ("activation", "bfloat16", "pallas"),
+                         ("weight", "bfloat16", "xla"), ("weight", "bfloat16", "pallas"), ("weight", "float32", "xla")}
+    assert all(r["ms"] > 0 and r["mismatch"] < 1e-3 for r in records)

@@ -2,6 +2,7 @@
 
     dsv3-bench gemm                          # blockwise FP8 GEMM vs BF16 / per-tensor FP8 / jnp dequant (XLA)
     dsv3-bench grouped_gemm                  # MoE grouped GEMM, BF16 and FP8, vs ragged_dot and jax's Mosaic kernel
+    dsv3-bench quantize                      # FP8 quantization of GEMM operands: XLA fusions vs the fused kernel
     dsv3-bench train --config proxy-1gpu     # tokens/s, MFU, memory: JAX BF16 and FP8 vs HF transformers (PyTorch)
     dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
     dsv3-bench moe_layer                     # expert-parallel MoE layer, EP=1 vs EP=all GPUs, all-to-all GB/s
@@ -10,7 +11,7 @@
     dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
     dsv3-bench profile --target moe_layer    # device time per kernel (moe_layer, moe_local, train)
 
-Names: gemm, grouped_gemm, train, moe_layer, pipeline, pipeline_step, plan, profile. Figures measured on this
+Names: gemm, grouped_gemm, quantize, train, moe_layer, pipeline, pipeline_step, plan, profile. Figures measured on this
 project's devices: dsv3_jax/bench/RESULTS.md.
 """
 
@@ -30,7 +31,7 @@ flags.DEFINE_string("impls", "all", "gemm: 'all' or some of bf16,fp8_tensor,fp8_
                     "fp8_block_mgpu.", flag_values=FLAGS)
 flags.DEFINE_string("layouts", "all", "grouped_gemm: 'all' or some of 8x4096,4x8192,skewed32.", flag_values=FLAGS)
 flags.DEFINE_string("nk", "all", "grouped_gemm: 'all' or comma-separated NxK.", flag_values=FLAGS)
-flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm: calls per timed batch (default 4 / 2).",
+flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm / quantize: calls per timed batch (default 4 / 2 / 4).",
                      flag_values=FLAGS)
 flags.DEFINE_string("config", "proxy-1gpu", "train / profile / pipeline_step: model config.", flag_values=FLAGS)
 flags.DEFINE_integer("batch", 2, "train: sequences per step (train_step runs use half); pipeline_step: sequences "
@@ -84,7 +85,7 @@ flags.DEFINE_bool("fp8", False, "profile: train target in FP8.", flag_values=FLA
 flags.DEFINE_string("hlo_dir", None, "profile: also write the optimized HLO (gzip) into this folder.",
                     flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "train", "moe_layer", "pipeline", "pipeline_step", "plan", "profile")
+NAMES = ("gemm", "grouped_gemm", "quantize", "train", "moe_layer", "pipeline", "pipeline_step", "plan", "profile")
 
 
 def main(argv: list[str]) -> int:
@@ -105,6 +106,9 @@ def main(argv: list[str]) -> int:
         from dsv3_jax.bench import grouped_gemm
         grouped_gemm.run(FLAGS.out, FLAGS.layouts, repeats=FLAGS.repeats or 2, budget_s=FLAGS.budget_s,
                          nk=FLAGS.nk)
+    elif name == "quantize":
+        from dsv3_jax.bench import quantize
+        quantize.run(FLAGS.out, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s)
     elif name == "moe_layer":
         from dsv3_jax.bench import moe_layer
         moe_layer.run(FLAGS.out, tokens=FLAGS.tokens_per_gpu, experts_per_device=FLAGS.experts_per_gpu,
