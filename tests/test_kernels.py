@@ -304,6 +304,12 @@ def test_fused_weight_quantization_keeps_expert_axis():
     assert_same_quantization(got, fp8.quantize_weight(w, False, "xla"))
 
 
+def test_fused_quantization_rejects_int32_overflow():
+    with pytest.raises(ValueError, match="int32"):
+        jax.eval_shape(lambda x: fp8.quantize_activation(x, False, "pallas"),
+                       jax.ShapeDtypeStruct((2 ** 16, 2 ** 15), jnp.bfloat16))
+
+
 def test_flash_attention_matches_reference():
     cfg = dsv3_jax.load_config("tiny", dtype="float32")
     b, s, h = 2, 40, cfg.num_attention_heads

@@ -75,6 +75,8 @@ def quantize_pair(x: jax.Array, scale_fn: ScaleFn, *, weight: bool = False, inte
     weight=False: (q [..., R, C], s [..., R, Cb], q_t [..., C, R], s_t [..., C, Rb]);
     weight=True: (q [..., R, C], q_t [..., C, R], s [..., Rb, Cb]). Scales are float32.
     """
+    if x.size >= 2 ** 31:
+        raise ValueError(f"quantize_pair: x {x.shape} holds {x.size} elements; the kernel's offsets are int32 (< 2^31)")
     *lead, rows, cols = x.shape
     x3 = x.reshape(-1, rows, cols)
     batch, t = x3.shape[0], SCALE_BLOCK
