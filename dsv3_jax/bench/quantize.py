@@ -7,7 +7,7 @@ tokens: the dense and MLA linears (8192 tokens) and the routed experts (65,536 t
 
 Each line: median time, effective bandwidth (bytes read + written, once each) and `mismatch`, the fraction
 of output elements (codes and scales) where the variant differs from XLA's. FP32 weights run XLA only
-(`fp8.quantize_weight` does not compile the kernel for them, see there).
+(`dsv3_jax.kernels.quantize.compiles`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.bench.timing import Deadline, Reporter, time_op
+from dsv3_jax.kernels import quantize as quantize_kernel
 from dsv3_jax.ops import fp8
 
 ACTIVATIONS = ((8192, 7168), (8192, 2048), (8192, 16384), (65536, 7168), (65536, 2048))   # [tokens, channels]
@@ -48,8 +49,7 @@ def _bench(rep: Reporter, deadline: Deadline, shape: tuple[int, ...], weight: bo
     base = dict(kind="weight" if weight else "activation", shape="x".join(map(str, shape)),
                 dtype=jnp.dtype(dtype).name)
     want = None
-    fp32_weight = weight and jnp.dtype(dtype).itemsize > 2     # fp8.quantize_weight takes XLA for these on GPU
-    for impl in IMPLS[:1] if fp32_weight else IMPLS:
+    for impl in IMPLS if quantize_kernel.compiles(dtype, weight) else IMPLS[:1]:
         if deadline.left() < 0:
             rep.emit(**base, impl=impl, skipped="time budget")
             continue
