@@ -16,6 +16,23 @@ def test_compare_curves_signed_and_absolute():
     assert train.precision_name({"fp8": False, "rerun": True}) == "bf16_rerun"
 
 
+def test_accuracy_summaries_compare_each_seed_and_the_seed_means():
+    from dsv3_jax.bench.timing import Reporter
+
+    def run(level):
+        return {"losses": [level] * 60, "heldout_loss": level, "heldout_loss_other_precision": level}
+    # FP8 1% above BF16 from seed 0, 1% below from seed 1: each seed differs by 1%, their means not at all
+    runs = {0: {"bf16": run(2.0), "fp8": run(2.02)}, 1: {"bf16": run(2.0), "fp8": run(1.98)}, 2: {"bf16": run(2.0)}}
+    rep = Reporter("train", None, with_device=False)
+    train._accuracy_summaries(rep, runs, {"config": "tiny"}, None)
+    per_seed = [r for r in rep.records if r["name"] == "accuracy_summary"]
+    assert [r["seed"] for r in per_seed] == [0, 1]                  # seed 2 lacks its FP8 run
+    assert [r["final_signed_rel_diff"] for r in per_seed] == pytest.approx([0.01, -0.01])
+    (mean,) = [r for r in rep.records if r["name"] == "accuracy_summary_seed_mean"]
+    assert mean["seeds"] == [0, 1] and mean["final_rel_diff"] == pytest.approx(0.0, abs=1e-12)
+    assert mean["final_signed_rel_diff_std"] == pytest.approx(0.01 * 2 ** 0.5)
+
+
 def test_profile_moe_programs_run_on_cpu():
     for target in ("moe_layer", "moe_local"):
         fn, args, context = profile.moe_programs(target, True, "xla", "auto", None, tokens=32, hidden=128,

@@ -54,6 +54,8 @@ flags.DEFINE_float("accuracy_lr", 1e-3, "train: peak learning rate of the accura
 flags.DEFINE_enum("accuracy_attention", "flash", ["flash", "reference"], "train: attention of the accuracy runs "
                   "(reference: the jnp softmax path, deterministic with --xla_gpu_exclude_nondeterministic_ops).",
                   flag_values=FLAGS)
+flags.DEFINE_integer("accuracy_seeds", 1, "train: repeat the accuracy comparison from this many seeds (init and data) "
+                     "and compare the seed-mean curves too.", flag_values=FLAGS, lower_bound=1)
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
@@ -135,7 +137,8 @@ def main(argv: list[str]) -> int:
         from dsv3_jax.bench import train
         train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
                   FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0,
-                  FLAGS.accuracy_control, FLAGS.accuracy_batch, FLAGS.accuracy_lr, FLAGS.accuracy_attention)
+                  FLAGS.accuracy_control, FLAGS.accuracy_batch, FLAGS.accuracy_lr, FLAGS.accuracy_attention,
+                  FLAGS.accuracy_seeds)
     return 0
 
 

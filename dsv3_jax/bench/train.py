@@ -31,6 +31,9 @@ run 5: two BF16 runs identical over 300 steps) is
     XLA_FLAGS=--xla_gpu_exclude_nondeterministic_ops=true dsv3-bench train --only none --nopeer \
         --accuracy_steps 300 --accuracy_control --accuracy_batch 64 --accuracy_lr 3e-4 --accuracy_attention reference
 
+`--accuracy_seeds N` repeats the comparison from N seeds (initialization and batches): each seed's record,
+then the seed-mean curves compared and the per-seed signed final differences (their spread is the error bar
+of one seed's comparison).
 (--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
 other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
 in jax 0.11.2; "reference" = XLA's einsum path).
@@ -250,7 +253,8 @@ def compare_curves(base: list[float], other: list[float]) -> dict[str, float]:
     signed = (b - a) / a
     rel = np.abs(signed)
     start = min(len(rel) - 1, 2 * SMOOTH)
-    return {"final_rel_diff": float(rel[-1]), "max_rel_diff_after_warmup": float(rel[start:].max()),
+    return {"final_rel_diff": float(rel[-1]), "final_signed_rel_diff": float(signed[-1]),
+            "max_rel_diff_after_warmup": float(rel[start:].max()),
             "mean_rel_diff_after_warmup": float(rel[start:].mean()),
             "mean_signed_rel_diff_after_warmup": float(signed[start:].mean()), "final_loss_base": float(a[-1]),
             "final_loss_other": float(b[-1])}
@@ -301,7 +305,7 @@ def _subprocess(args: list[str], timeout: float) -> tuple[list[dict[str, Any]], 
 def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
         plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False, accuracy_batch: int = 16,
-        accuracy_lr: float = 1e-3, accuracy_attention: str = "flash") -> Reporter:
+        accuracy_lr: float = 1e-3, accuracy_attention: str = "flash", accuracy_seeds: int = 1) -> Reporter:
     """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
@@ -310,16 +314,17 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     if peer:
         jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
                                   str(batch), "--seq", str(seq), "--steps", str(steps)]))
-    if accuracy_steps:
+    setting = dict(config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch, peak_lr=accuracy_lr,
+                   attention=accuracy_attention)
+    for seed in range(accuracy_seeds if accuracy_steps else 0):
         for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
-            spec = dict(config=accuracy_config, fp8=fp8, rerun=rerun, steps=accuracy_steps, batch=accuracy_batch,
-                        seq=256, peak_lr=accuracy_lr, attention=accuracy_attention)
-            jobs.append((f"accuracy_{precision_name(spec)}", [*me, "--accuracy", json.dumps(spec)]))
+            spec = dict(**setting, fp8=fp8, rerun=rerun, seq=256, seed=seed)
+            suffix = f"_seed{seed}" if accuracy_seeds > 1 else ""
+            jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)]))
     for spec in default_specs(config, batch, seq):
         if only == "all" or spec["name"] in only.split(","):
             jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})]))
-    curves: dict[str, list[float]] = {}
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[int, dict[str, dict[str, Any]]] = {}          # seed -> precision -> accuracy record
     for name, args in jobs:
         left = deadline - time.monotonic()
         if left < 30:
@@ -331,25 +336,46 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
         for r in records:
             rep.emit(**{**r, "name": name})
             if r.get("mode") == "accuracy":
-                curves[r["precision"]] = r["losses"]
-                runs[r["precision"]] = r
-    if "bf16" in curves and "fp8" in curves:
+                runs.setdefault(r.get("seed", 0), {})[r["precision"]] = r
+    _accuracy_summaries(rep, runs, dict(**setting, smooth_window=SMOOTH), plot)
+    rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
+               "compile_s", "seed", "final_rel_diff", "error"])
+    return rep
+
+
+def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]], setting: dict[str, Any],
+                        plot: str | None) -> None:
+    """Per seed, FP8 (and the BF16 rerun) against BF16; over several seeds, the seed-mean curves compared too
+    (the per-seed signed final differences show the spread a single seed's comparison has); the plot draws
+    the one seed's curves, or the seed means."""
+    complete = {seed: by for seed, by in sorted(runs.items()) if "bf16" in by and "fp8" in by}
+    curves_of = lambda by: {p: r["losses"] for p, r in by.items()}
+    for seed, by in complete.items():
+        curves = curves_of(by)
         for other, name in (("fp8", "accuracy_summary"), ("bf16_rerun", "accuracy_control_bf16_rerun")):
             if other in curves:
-                rep.emit(name=name, config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch,
-                         peak_lr=accuracy_lr, attention=accuracy_attention, smooth_window=SMOOTH,
-                         **compare_curves(curves["bf16"], curves[other]),
-                         **(forward_penalties(runs) if other == "fp8" else {}))
-        if plot:
-            try:
-                plot_curves(curves, plot, f"{accuracy_config}: BF16 vs FP8, same seed and data\n{accuracy_steps} "
-                            f"steps of {accuracy_batch} x 256 tokens, peak LR {accuracy_lr:g}, {accuracy_attention} "
-                            "attention")
-            except ImportError as err:
-                rep.emit(name="plot", error=f"no plot: {err}")
-    rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
-               "compile_s", "final_rel_diff", "error"])
-    return rep
+                rep.emit(name=name, seed=seed, **setting, **compare_curves(curves["bf16"], curves[other]),
+                         **(forward_penalties(by) if other == "fp8" else {}))
+    if not complete:
+        return
+    plotted = curves_of(next(iter(complete.values())))
+    if len(complete) > 1:
+        plotted = {p: np.mean([curves_of(by)[p] for by in complete.values()], axis=0).tolist()
+                   for p in ("bf16", "fp8")}
+        per_seed = [compare_curves(curves_of(by)["bf16"], curves_of(by)["fp8"]) for by in complete.values()]
+        signed = [c["final_signed_rel_diff"] for c in per_seed]
+        rep.emit(name="accuracy_summary_seed_mean", seeds=sorted(complete), **setting,
+                 **compare_curves(plotted["bf16"], plotted["fp8"]), final_signed_rel_diff_per_seed=signed,
+                 final_signed_rel_diff_std=float(np.std(signed, ddof=1)),
+                 max_rel_diff_after_warmup_per_seed=[c["max_rel_diff_after_warmup"] for c in per_seed])
+    if plot:
+        seeds = f"mean of {len(complete)} seeds" if len(complete) > 1 else "same seed and data"
+        title = (f"{setting['config']}: BF16 vs FP8, {seeds}\n{setting['steps']} steps of {setting['batch']} x 256 "
+                 f"tokens, peak LR {setting['peak_lr']:g}, {setting['attention']} attention")
+        try:
+            plot_curves(plotted, plot, title)
+        except ImportError as err:
+            rep.emit(name="plot", error=f"no plot: {err}")
 
 
 def _child_main(argv: list[str]) -> None:
