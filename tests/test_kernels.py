@@ -89,10 +89,48 @@ def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n, k_blocks):
     assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
 
 
+@pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
+                    reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
+@pytest.mark.parametrize("chain_tiles, cluster_dim, k_blocks", [
+    (True, None, 1), (False, None, 1), (True, None, 2), (True, "m", 1), (True, "n", 1)])
+def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, cluster_dim, k_blocks):
+    if INTERPRET and cluster_dim:
+        pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
+    # two CTAs (one cluster of two) for 4 x 2 tiles: each CTA chains several tiles' K pipelines, which a grid
+    # of 132 CTAs would only do on problems too large for the interpreter
+    monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
+    m, n, k = 512, 256, 1536                      # 12 K blocks: 4 stages of one block, or 2 of two, divide them
+    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (128, 128))
+    base = gemm_mgpu.DEFAULT_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
+    cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
+    cfg = gemm_mgpu.chained_stages(cfg, k)
+    assert gemm_mgpu.chains(cfg, k) == chain_tiles
+    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=128, out_dtype=jnp.float32, backend="xla")
+    assert np.isfinite(np.asarray(out)).all()
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
+def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
+    # two K blocks a step, 2 steps in flight, where K has an even number of blocks; otherwise one block a step
+    # with the deepest pipeline (of 5) that divides the K steps; N a multiple of 64 only: the narrow tiles
+    two, one, narrow = gemm_mgpu.DEFAULT_CONFIG, gemm_mgpu.ONE_BLOCK_CONFIG, gemm_mgpu.NARROW_CONFIG
+    for n, k, config, stages in ((7168, 16384, two, 2), (32768, 512, two, 2), (7168, 384, one, 3),
+                                 (7168, 1152, one, 3), (2112, 7168, narrow, 4)):
+        cfg = gemm_mgpu.config_for(4096, n, k)
+        assert cfg == dataclasses.replace(config, max_concurrent_steps=stages) and gemm_mgpu.chains(cfg, k)
+    unchained = dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, chain_tiles=False)
+    assert gemm_mgpu.chained_stages(unchained, 16384) == unchained and not gemm_mgpu.chains(unchained, 16384)
+    with pytest.raises(ValueError, match="cluster_dim"):
+        gemm_mgpu.MgpuGemmConfig(cluster_dim="k")
+    assert not gemm_mgpu.fits(128, 256, 256, dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m"))
+
+
 def test_mosaic_gpu_gemm_rejects_partial_tiles():
     a, a_s = fp8.quantize(normal(0, (100, 256)))
     assert not gemm_mgpu.supports(100, 128, 256) and not gemm_mgpu.supports(128, 96, 256)
-    assert gemm_mgpu.config_for(128, 192, 256) == gemm_mgpu.NARROW_CONFIG
+    assert gemm_mgpu.config_for(128, 192, 256).tile_n == gemm_mgpu.NARROW_CONFIG.tile_n
     with pytest.raises(ValueError, match="needs M"):
         gemm_mgpu.scaled_matmul(a, a_s, a, a_s, b_block=1, interpret=True)
 
@@ -103,8 +141,8 @@ def test_mosaic_gpu_gemm_config_fits_shared_memory(out_dtype):
     for n in (128, 192):
         cfg = gemm_mgpu.config_for(4096, n, 7168, out_dtype)
         assert gemm_mgpu.smem_bytes(cfg, out_dtype) + gemm_mgpu.SMEM_SLACK <= gemm_mgpu.SMEM_LIMIT
-    steps = gemm_mgpu.config_for(4096, 128, 7168, out_dtype).max_concurrent_steps
-    assert steps == (4 if out_dtype == jnp.float32 else gemm_mgpu.DEFAULT_CONFIG.max_concurrent_steps)
+    steps = gemm_mgpu.fit_smem(gemm_mgpu.ONE_BLOCK_CONFIG, out_dtype).max_concurrent_steps
+    assert steps == (4 if out_dtype == jnp.float32 else gemm_mgpu.ONE_BLOCK_CONFIG.max_concurrent_steps)
 
 
 def test_blockwise_fp8_gemm_checks_operands():

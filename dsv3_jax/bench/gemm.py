@@ -40,13 +40,17 @@ CONFIGS_SMALL_M = (
     GemmConfig(64, 128, 128, group_m=1, num_warps=4, num_stages=5),
     GemmConfig(128, 128, 128, group_m=1, num_warps=4, num_stages=4),
 )
-# Mosaic GPU kernel: per-warpgroup tile, warpgroups stacked along M or N, pipeline depth, K blocks per step
+# Mosaic GPU kernel: per-warpgroup tile, warpgroups stacked along M or N, pipeline depth, K blocks per step,
+# chained tiles (`chain_tiles`, the depth cut to divide the K steps), CTA pairs sharing an operand (`cluster_dim`)
 # (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
 CONFIGS_MGPU = (
-    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5),
-    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=4, grid_tile_width=16),
-    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=2, k_blocks=2),
-    MgpuGemmConfig(64, 64, "m", max_concurrent_steps=6),
+    gemm_mgpu.DEFAULT_CONFIG,
+    gemm_mgpu.ONE_BLOCK_CONFIG,
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5, chain_tiles=False),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=2, k_blocks=2, cluster_dim="m"),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5, cluster_dim="m"),
+    MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5, grid_tile_width=16),
+    gemm_mgpu.NARROW_CONFIG,
 )
 DIMS = (((1,), (1,)), ((), ()))   # contract the K axes of [M, K] and [N, K]
 L2_BYTES = 50 * 2 ** 20
@@ -144,18 +148,21 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
         op = functools.partial(gemm.scaled_matmul, b_block=128, config=cfg)
         measure(rep, deadline, base, "fp8_block_pallas", op, block, ref, flops, _cfg_name(cfg), **timing)
     for cfg in CONFIGS_MGPU if want("fp8_block_mgpu") and jax.default_backend() == "gpu" else ():
+        cfg = gemm_mgpu.chained_stages(cfg, k)
         if gemm_mgpu.fits(m, n, k, cfg):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
-            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg), **timing)
+            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg, k), **timing)
 
 
 def _cfg_name(cfg: GemmConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}/g{cfg.group_m}"
 
 
-def _mgpu_name(cfg: MgpuGemmConfig) -> str:
+def _mgpu_name(cfg: MgpuGemmConfig, k: int) -> str:
+    chained = "/chain" if gemm_mgpu.chains(cfg, k) else ""
+    cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
     return (f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
-            f"/k{cfg.k_blocks}")
+            f"/k{cfg.k_blocks}{chained}{cluster}")
 
 
 def _summary(rep: Reporter) -> None:

@@ -18,11 +18,18 @@ With `k_blocks` > 1 a pipeline step carries several K blocks: their WGMMAs are a
 first block's promotion, which then overlaps the later blocks' WGMMAs. When b's scale block covers a whole
 warpgroup tile (b_block = 128, the weights) the promotion is one FMA per element with a per-row scale.
 
+A CTA's consecutive tiles chain their K pipelines (`chain_tiles`, `emit_pipeline_warp_specialized`'s
+`pipeline_state`): without it the memory warpgroup waits at the end of every tile until the math warpgroups
+have consumed all of its blocks, and only then starts the next tile's loads, a bubble per tile that short-K
+GEMMs (4-16 K blocks a tile) pay in full. Optionally (`cluster_dim`) CTA pairs share one operand's blocks
+by TMA multicast.
+
 Measured (bench/RESULTS.md) on H100: 597-843 TFLOP/s at M=4096 (2.2-2.7x the Triton kernel, whose WGMMAs the
-promotion serializes); on H200 (run 6, with the single-FMA promotion) 941-1202 at the shapes with K >= 1536,
-ahead of cuBLAS BF16 there, behind it at the shapes with short K (512, 2048), where the per-tile epilogue is
-not overlapped with the next tile. No configuration wins everywhere (k_blocks=2 / 2 steps: 1032 at
-(7168, 16384), 714 at (4096, 7168)), so the default stays one K block per step, 5 in flight.
+promotion serializes). On H200, run 9, M=4096, side by side in one process: the default (two K blocks a step,
+2 in flight, chained) 824-1085 against cuBLAS BF16's 695-837 at the five shapes with N % 128 == 0; at
+(2112, 7168) the narrow 64x64 tiles stay behind BF16 (824 vs 909). Chaining alone (one block a step, one
+process per configuration): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing b reach
+1057-1063 at (24576, 1536) and (7168, 16384) but lose at short K, so they are not the default.
 """
 
 from __future__ import annotations
@@ -70,21 +77,48 @@ class WarpgroupTiles:
 
 @dataclasses.dataclass(frozen=True)
 class MgpuGemmConfig(WarpgroupTiles):
-    """The dense kernel's tiles, plus the snake's minor dimension and the epilogue's column tile."""
+    """The dense kernel's tiles, plus the snake's minor dimension and the epilogue's column tile.
+
+    chain_tiles: a CTA's consecutive output tiles share one K pipeline (`emit_pipeline_warp_specialized`'s
+    `pipeline_state`), so the memory warpgroup streams the next tile's first K blocks while the math
+    warpgroups finish and store this one; needs the K steps a multiple of the stages (`config_for` picks such
+    a depth). cluster_dim: "m" pairs CTAs of adjacent row tiles that share b's K blocks by TMA multicast
+    (each loads half), "n" pairs column tiles that share a's; None: one CTA per cluster.
+    """
 
     grid_minor_dim: str = "n"
     epi_tile_n: int = 64
+    chain_tiles: bool = True
+    cluster_dim: str | None = None
+
+    def __post_init__(self):
+        if self.cluster_dim not in (None, "m", "n"):
+            raise ValueError(f"cluster_dim must be None, 'm' or 'n'; got {self.cluster_dim!r}")
+
+    @property
+    def cluster_m(self) -> int:
+        return 2 if self.cluster_dim == "m" else 1
+
+    @property
+    def cluster_n(self) -> int:
+        return 2 if self.cluster_dim == "n" else 1
 
 
-# Measured fastest on H100 and H200 (bench/RESULTS.md): 64x128 per warpgroup, CTA 128x128, 5 pipeline stages; wider
-# per-warpgroup tiles (128x128) need a second 128-register FP32 tile for the promotion and spill.
-DEFAULT_CONFIG = MgpuGemmConfig()
+# Measured on H200 (bench/RESULTS.md run 9, M = 4096, side by side): 64x128 per warpgroup (CTA 128x128), two
+# 128-wide K blocks per step, 2 steps in flight, tiles chained: 824-1085 TFLOP/s, ahead of cuBLAS BF16 at the
+# five shapes with N % 128 == 0 (by 0.4% at (32768, 512)); wider per-warpgroup tiles (128x128) need a second
+# 128-register FP32 tile for the promotion and spill. One block per step (at most 5 in flight, as many as divide
+# the K steps) where K has an odd number of blocks.
+DEFAULT_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
+ONE_BLOCK_CONFIG = MgpuGemmConfig()
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multiple of 64 but not of 128 (e.g. 2112)
 
 
 def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
-    """Whether `config` tiles these sizes (whole CTA tiles along M and N, whole 128-wide K blocks)."""
-    return m % config.cta_m == 0 and n % config.cta_n == 0 and k % (SCALE_BLOCK * config.k_blocks) == 0
+    """Whether `config` tiles these sizes (whole cluster tiles along M and N, whole 128-wide K blocks)."""
+    cluster_m, cluster_n = getattr(config, "cluster_m", 1), getattr(config, "cluster_n", 1)
+    return (m % (config.cta_m * cluster_m) == 0 and n % (config.cta_n * cluster_n) == 0
+            and k % (SCALE_BLOCK * config.k_blocks) == 0)
 
 
 def pipeline_bytes(config: WarpgroupTiles) -> int:
@@ -111,11 +145,27 @@ def fit_smem(config: WarpgroupTiles, out_dtype: jnp.dtype,
     return config
 
 
+def chained_stages(config: MgpuGemmConfig, k: int) -> MgpuGemmConfig:
+    """`config` with the deepest pipeline (at most its own, at least 2) whose stages divide the K steps, so
+    that its tiles chain (`chain_tiles`); unchanged when none does or tiles do not chain."""
+    steps = k // (SCALE_BLOCK * config.k_blocks)
+    depth = next((s for s in range(min(config.max_concurrent_steps, steps), 1, -1) if steps % s == 0), None)
+    if not config.chain_tiles or depth is None:
+        return config
+    return dataclasses.replace(config, max_concurrent_steps=depth)
+
+
+def chains(config: MgpuGemmConfig, k: int) -> bool:
+    """Whether the kernel chains its tiles' K pipelines under `config` (its stages divide the K steps)."""
+    steps = k // (SCALE_BLOCK * config.k_blocks)
+    return config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
+
+
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
-    fit shared memory), or None (the caller then uses the Triton kernel)."""
-    config = next((c for c in (DEFAULT_CONFIG, NARROW_CONFIG) if fits(m, n, k, c)), None)
-    return None if config is None else fit_smem(config, out_dtype)
+    fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel)."""
+    config = next((c for c in (DEFAULT_CONFIG, ONE_BLOCK_CONFIG, NARROW_CONFIG) if fits(m, n, k, c)), None)
+    return None if config is None else chained_stages(fit_smem(config, out_dtype), k)
 
 
 def supports(m: int, n: int, k: int) -> bool:
@@ -124,21 +174,25 @@ def supports(m: int, n: int, k: int) -> bool:
 
 
 def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compute_context: Callable[..., Any],
-               steps: int | jax.Array, first_block: int | jax.Array = 0) -> Any:
+               steps: int | jax.Array, first_block: int | jax.Array = 0, shared: str | None = None,
+               state: jax.Array | None = None) -> Any:
     """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
     `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
     [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
-    flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`."""
+    flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
+    shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
+    `plgpu.PipelinePipeline` value (START for a CTA's first tile, STEADY after) chaining consecutive calls."""
     fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
     u = cfg.k_blocks
 
-    def block(rows: int, j: int) -> plgpu.BlockSpec:
-        return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda s: (0, first_block + s * u + j), transforms=fp8_transforms)
+    def block(rows: int, j: int, operand: str) -> plgpu.BlockSpec:
+        return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda s: (0, first_block + s * u + j), transforms=fp8_transforms,
+                               collective_axes=("cluster",) if operand == shared else ())
 
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=stages, compute_context=compute_context,
-        in_specs=[*(block(cfg.cta_m, j) for j in range(u)), *(block(cfg.cta_n, j) for j in range(u)),
+        max_concurrent_steps=stages, compute_context=compute_context, pipeline_state=state,
+        in_specs=[*(block(cfg.cta_m, j, "a") for j in range(u)), *(block(cfg.cta_n, j, "b") for j in range(u)),
                   plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0)),
                   plgpu.BlockSpec((u, cfg.cta_n), lambda s: (first_block // u + s, 0))],
     )
@@ -208,14 +262,20 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     n = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    m_iters, n_iters, k_steps = m // cta_m, n // cta_n, k // (SCALE_BLOCK * cfg.k_blocks)
+    m_iters, n_iters = m // (cta_m * cfg.cluster_m), n // (cta_n * cfg.cluster_n)
+    k_steps = k // (SCALE_BLOCK * cfg.k_blocks)
+    shared = {"m": "b", "n": "a"}.get(cfg.cluster_dim)     # CTAs paired along M share b's blocks, along N a's
+    stages = min(cfg.max_concurrent_steps, k_steps)
+    # a chained pipeline drains (waits for every consumption) only on a CTA's last tile: with one tile per
+    # CTA there is no last call to drain in, and a CTA of a cluster must not exit before its peer's arrivals
+    chain = chains(cfg, k) and (not shared or m_iters * n_iters >= 2 * (NUM_SMS // 2))
     epi_n = min(cfg.epi_tile_n, tile_n)
     out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
-    pipeline = functools.partial(k_pipeline, cfg, cfg.max_concurrent_steps, steps=k_steps)
+    pipeline = functools.partial(k_pipeline, cfg, stages, steps=k_steps, shared=shared)
 
     ignore = lambda *_, **__: None
 
@@ -227,14 +287,24 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     )
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
+        member = lax.axis_index("cluster") if shared else 0
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tiles(info: plgpu.NDLoopInfo):
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_dim == "n" else 0,
                                         cfg.grid_tile_width)
+            if cfg.cluster_dim == "m":
+                mi = 2 * mi + member
+            elif cfg.cluster_dim == "n":
+                ni = 2 * ni + member
             cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
             wg_rows, wg_cols = warpgroup_slices(cfg, wg)
+            state = None
+            if chain:   # the first tile fills the pipeline, later ones continue it, the last one drains it
+                stages_of = plgpu.PipelinePipeline
+                last = jnp.where(info.local_index == info.num_local_steps - 1, stages_of.STOP, stages_of.STEADY)
+                state = jnp.where(info.local_index == 0, stages_of.START, last).astype(jnp.int32)
 
             def compute_context(eval_pipeline):
                 acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
@@ -250,7 +320,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_smem.at[wg, slot],
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
-            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context)(
+            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, state=state)(
                 *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows],
                             bs_gmem.at[:, cta_cols]),
                 allocations=allocs)
@@ -270,7 +340,7 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     (m, k), n = a.shape, b.shape[0]
     cfg = fit_smem(config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG, out_dtype)
     if not fits(m, n, k, cfg):
-        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m}, N % {cfg.cta_n}, "
+        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m * cfg.cluster_m}, N % {cfg.cta_n * cfg.cluster_n}, "
                          f"K % {SCALE_BLOCK * cfg.k_blocks} == 0; got M={m}, N={n}, K={k}")
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
@@ -278,10 +348,16 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     kernel = plgpu.kernel(
         functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(NUM_SMS,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        grid=(NUM_SMS // (cfg.cluster_m * cfg.cluster_n),), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **_interpret_kwargs(interpret))
+        **_cluster_kwargs(cfg), **_interpret_kwargs(interpret))
     return kernel(a, b, a_s, b_s)
+
+
+def _cluster_kwargs(cfg: MgpuGemmConfig) -> dict:
+    if cfg.cluster_dim is None:
+        return {}
+    return {"cluster": (2,), "cluster_names": ("cluster",)}
 
 
 def _interpret_kwargs(interpret: bool) -> dict:
