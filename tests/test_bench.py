@@ -92,5 +92,6 @@ def test_quantize_bench_compares_the_kernel_with_xla_on_cpu():
     records = quantize.run(None, repeats=1, activations=((200, 300),), weights=((2, 130, 260),)).records
     runs = {(r["kind"], r["dtype"], r["impl"]): r for r in records}
     assert set(runs) == {("activation", "bfloat16", "xla"), ("activation", "bfloat16", "pallas"),
-                         ("weight", "bfloat16", "xla"), ("weight", "bfloat16", "pallas"), ("weight", "float32", "xla")}
+                         ("weight", "bfloat16", "xla"), ("weight", "bfloat16", "pallas"), ("weight", "float32", "xla"),
+                         ("weight", "float32", "pallas")}
     assert all(r["ms"] > 0 and r["mismatch"] < 1e-3 for r in records)

@@ -6,8 +6,7 @@ channels, and transposed along the tokens) and its weight as 128x128 blocks plus
 tokens: the dense and MLA linears (8192 tokens) and the routed experts (65,536 token rows, top-8).
 
 Each line: median time, effective bandwidth (bytes read + written, once each) and `mismatch`, the fraction
-of output elements (codes and scales) where the variant differs from XLA's. FP32 weights run XLA only
-(`dsv3_jax.kernels.quantize.compiles`).
+of output elements (codes and scales) where the variant differs from XLA's.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.bench.timing import Deadline, Reporter, time_op
-from dsv3_jax.kernels import quantize as quantize_kernel
 from dsv3_jax.ops import fp8
 
 ACTIVATIONS = ((8192, 7168), (8192, 2048), (8192, 16384), (65536, 7168), (65536, 2048))   # [tokens, channels]
@@ -49,7 +47,7 @@ def _bench(rep: Reporter, deadline: Deadline, shape: tuple[int, ...], weight: bo
     base = dict(kind="weight" if weight else "activation", shape="x".join(map(str, shape)),
                 dtype=jnp.dtype(dtype).name)
     want = None
-    for impl in IMPLS if quantize_kernel.compiles(dtype, weight) else IMPLS[:1]:
+    for impl in IMPLS:
         if deadline.left() < 0:
             rep.emit(**base, impl=impl, skipped="time budget")
             continue

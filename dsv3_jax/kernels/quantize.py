@@ -16,9 +16,9 @@ Edge tiles are masked: out-of-range elements read as zero (their amax is unchang
 Backend: Pallas on Triton, so the same kernel runs on CPU in interpret mode in the tests; a 128x128 tile per
 program, grid (B, Rb, Cb), 4 warps. Measured on H200 (`dsv3-bench quantize`, bench/RESULTS.md run 8): BF16
 activations 0.96-1.47 TB/s against XLA's 0.70-1.35, BF16 weights 2.4-3.1 TB/s against 1.8-2.0, codes and scales
-identical to XLA's at every shape; in the proxy-1gpu FP8 step it saves 36 ms of 427. Known limit (`compiles`): ptxas
-(jax 0.11.2) crashes compiling the FP32 weight variant, so `dsv3_jax.ops.fp8` quantizes FP32 weights with XLA
-on a GPU.
+identical to XLA's at every shape; in the proxy-1gpu FP8 step it saves 36 ms of 427. FP32 weights (run 9,
+the weight branch's transposed codes going through BF16): 7168x18432 0.25 ms and 32x7168x2048 0.87 ms against
+XLA's 0.57 and 1.96 (run 8), BF16 weights 0.17 / 0.58 ms (0.21 / 0.66 with the direct 8-bit transpose).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def _quantize_kernel(x_ref, *out_refs, rows: int, cols: int, weight: bool, scale
         q_ref, q_t_ref, s_ref = out_refs
         s = scale_fn(jnp.max(magnitude))
         q = _to_fp8(tile / s)
-        q_t = q.T
+        # transposed through BF16 (exact: every E4M3 value is one): ptxas (jax 0.11.2) crashes (exit code 11)
+        # on the 8-bit transpose of codes converted from FP32, and the BF16 route is also faster from BF16
+        q_t = q.astype(jnp.bfloat16).T.astype(FP8)
         pltr.store(s_ref.at[b, rb, cb], s)
     else:
         q_ref, s_ref, q_t_ref, s_t_ref = out_refs
@@ -66,12 +68,6 @@ def _quantize_kernel(x_ref, *out_refs, rows: int, cols: int, weight: bool, scale
         pltr.store(s_t_ref.at[b, rb, c_slice], s_col, mask=col_ok)
     pltr.store(q_ref.at[b, r_slice, c_slice], q, mask=tile_mask(row_ok, col_ok))
     pltr.store(q_t_ref.at[b, c_slice, r_slice], q_t, mask=tile_mask(col_ok, row_ok))
-
-
-def compiles(dtype: jnp.dtype, weight: bool) -> bool:
-    """Whether the kernel compiles for x of `dtype`: ptxas (jax 0.11.2, H200) crashes (exit code 11) on the FP32
-    weight variant at shapes without masks, at 4, 8 and 16 warps; FP32 activations and BF16 compile."""
-    return not (weight and jnp.dtype(dtype).itemsize > 2)
 
 
 def quantize_pair(x: jax.Array, scale_fn: ScaleFn, *, weight: bool = False, interpret: bool = False,

@@ -194,12 +194,11 @@ def quantize_activation(x: jax.Array, ue8m0: bool, backend: str
 def quantize_weight(w: jax.Array, ue8m0: bool, backend: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """w [..., K, N] -> (fp8 [..., K, N], the same transposed [..., N, K], 128x128 block scales [..., Kb, Nb]).
 
-    "pallas" takes the fused kernel where it compiles (`quantize_kernel.compiles`: BF16 weights); FP32 ones
-    (master weights) take XLA's fusions on a GPU, at 1.3-1.6 TB/s (RESULTS.md run 8); interpret mode runs the
-    kernel for both.
+    "pallas" (and interpret mode) take the fused kernel, BF16 and FP32 (master) weights alike; "xla" and ue8m0
+    scales take XLA's fusions.
     """
     mode = resolve_backend(backend)
-    if mode == "xla" or ue8m0 or (mode == "pallas" and not quantize_kernel.compiles(w.dtype, weight=True)):
+    if mode == "xla" or ue8m0:
         wq, ws = quantize(w, WEIGHT_BLOCK, ue8m0=ue8m0)
         return wq, jnp.swapaxes(wq, -1, -2), ws
     return quantize_kernel.quantize_pair(w, _KERNEL_SCALES, weight=True, interpret=mode == "interpret")
