@@ -181,7 +181,8 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
     [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
     flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
     shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
-    `plgpu.PipelinePipeline` value (START for a CTA's first tile, STEADY after) chaining consecutive calls."""
+    `plgpu.PipelinePipeline` value chaining consecutive calls (START on a CTA's first tile, STOP, which drains
+    the pipeline, on its last, STEADY between), None: each call fills and drains its own."""
     fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
     u = cfg.k_blocks
 
