@@ -105,7 +105,7 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
     base = gemm_mgpu.DEFAULT_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
     cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
     cfg = gemm_mgpu.chained_stages(cfg, k)
-    assert gemm_mgpu.chains(cfg, k) == chain_tiles
+    assert gemm_mgpu.chains(cfg, m, n, k) == chain_tiles
     out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
     ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=128, out_dtype=jnp.float32, backend="xla")
     assert np.isfinite(np.asarray(out)).all()
@@ -119,9 +119,13 @@ def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
     for n, k, config, stages in ((7168, 16384, two, 2), (32768, 512, two, 2), (7168, 384, one, 3),
                                  (7168, 1152, one, 3), (2112, 7168, narrow, 4)):
         cfg = gemm_mgpu.config_for(4096, n, k)
-        assert cfg == dataclasses.replace(config, max_concurrent_steps=stages) and gemm_mgpu.chains(cfg, k)
+        assert cfg == dataclasses.replace(config, max_concurrent_steps=stages)
+        assert gemm_mgpu.chains(cfg, 4096, n, k)
     unchained = dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, chain_tiles=False)
-    assert gemm_mgpu.chained_stages(unchained, 16384) == unchained and not gemm_mgpu.chains(unchained, 16384)
+    assert gemm_mgpu.chained_stages(unchained, 16384) == unchained
+    assert not gemm_mgpu.chains(unchained, 4096, 7168, 16384)
+    paired = dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m")
+    assert gemm_mgpu.chains(paired, 4096, 7168, 16384) and not gemm_mgpu.chains(paired, 256, 128, 512)  # 1 tile
     with pytest.raises(ValueError, match="cluster_dim"):
         gemm_mgpu.MgpuGemmConfig(cluster_dim="k")
     assert not gemm_mgpu.fits(128, 256, 256, dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m"))

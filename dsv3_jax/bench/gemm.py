@@ -151,15 +151,16 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
         cfg = gemm_mgpu.chained_stages(cfg, k)
         if gemm_mgpu.fits(m, n, k, cfg):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
-            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg, k), **timing)
+            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg, m, n, k),
+                    **timing)
 
 
 def _cfg_name(cfg: GemmConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}/g{cfg.group_m}"
 
 
-def _mgpu_name(cfg: MgpuGemmConfig, k: int) -> str:
-    chained = "/chain" if gemm_mgpu.chains(cfg, k) else ""
+def _mgpu_name(cfg: MgpuGemmConfig, m: int, n: int, k: int) -> str:
+    chained = "/chain" if gemm_mgpu.chains(cfg, m, n, k) else ""
     cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
     return (f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
             f"/k{cfg.k_blocks}{chained}{cluster}")

@@ -74,6 +74,8 @@ class WarpgroupTiles:
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.wg_dim == "n" else 1)
 
+    cluster_m = cluster_n = 1       # CTAs per cluster along M / N (the dense kernel's `cluster_dim` pairs them)
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuGemmConfig(WarpgroupTiles):
@@ -116,8 +118,7 @@ NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multi
 
 def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
     """Whether `config` tiles these sizes (whole cluster tiles along M and N, whole 128-wide K blocks)."""
-    cluster_m, cluster_n = getattr(config, "cluster_m", 1), getattr(config, "cluster_n", 1)
-    return (m % (config.cta_m * cluster_m) == 0 and n % (config.cta_n * cluster_n) == 0
+    return (m % (config.cta_m * config.cluster_m) == 0 and n % (config.cta_n * config.cluster_n) == 0
             and k % (SCALE_BLOCK * config.k_blocks) == 0)
 
 
@@ -145,20 +146,30 @@ def fit_smem(config: WarpgroupTiles, out_dtype: jnp.dtype,
     return config
 
 
+def k_steps(config: WarpgroupTiles, k: int) -> int:
+    """Pipeline steps of a K loop over k: `config.k_blocks` 128-wide K blocks a step."""
+    return k // (SCALE_BLOCK * config.k_blocks)
+
+
 def chained_stages(config: MgpuGemmConfig, k: int) -> MgpuGemmConfig:
     """`config` with the deepest pipeline (at most its own, at least 2) whose stages divide the K steps, so
     that its tiles chain (`chain_tiles`); unchanged when none does or tiles do not chain."""
-    steps = k // (SCALE_BLOCK * config.k_blocks)
+    steps = k_steps(config, k)
     depth = next((s for s in range(min(config.max_concurrent_steps, steps), 1, -1) if steps % s == 0), None)
     if not config.chain_tiles or depth is None:
         return config
     return dataclasses.replace(config, max_concurrent_steps=depth)
 
 
-def chains(config: MgpuGemmConfig, k: int) -> bool:
-    """Whether the kernel chains its tiles' K pipelines under `config` (its stages divide the K steps)."""
-    steps = k // (SCALE_BLOCK * config.k_blocks)
-    return config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
+def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
+    """Whether the kernel chains its tiles' K pipelines for [M, K] x [N, K]^T under `config`: its stages divide
+    the K steps, and with CTA pairs every cluster walks at least two tiles (a chained pipeline drains, waiting
+    for every consumption, only on a CTA's last tile: with one tile there is no last call to drain in, and a
+    CTA of a cluster must not exit before its peer's arrivals)."""
+    steps, clusters = k_steps(config, k), NUM_SMS // (config.cluster_m * config.cluster_n)
+    tiles = (m // (config.cta_m * config.cluster_m)) * (n // (config.cta_n * config.cluster_n))
+    return (config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
+            and (config.cluster_dim is None or tiles >= 2 * clusters))
 
 
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
@@ -264,19 +275,16 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
     m_iters, n_iters = m // (cta_m * cfg.cluster_m), n // (cta_n * cfg.cluster_n)
-    k_steps = k // (SCALE_BLOCK * cfg.k_blocks)
+    steps = k_steps(cfg, k)
     shared = {"m": "b", "n": "a"}.get(cfg.cluster_dim)     # CTAs paired along M share b's blocks, along N a's
-    stages = min(cfg.max_concurrent_steps, k_steps)
-    # a chained pipeline drains (waits for every consumption) only on a CTA's last tile: with one tile per
-    # CTA there is no last call to drain in, and a CTA of a cluster must not exit before its peer's arrivals
-    chain = chains(cfg, k) and (not shared or m_iters * n_iters >= 2 * (NUM_SMS // 2))
+    stages, chain = min(cfg.max_concurrent_steps, steps), chains(cfg, m, n, k)
     epi_n = min(cfg.epi_tile_n, tile_n)
     out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                       plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
-    pipeline = functools.partial(k_pipeline, cfg, stages, steps=k_steps, shared=shared)
+    pipeline = functools.partial(k_pipeline, cfg, stages, steps=steps, shared=shared)
 
     ignore = lambda *_, **__: None
 
