@@ -349,25 +349,24 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
     (the per-seed signed final differences show the spread a single seed's comparison has); the plot draws
     the one seed's curves, or the seed means."""
     complete = {seed: by for seed, by in sorted(runs.items()) if "bf16" in by and "fp8" in by}
-    curves_of = lambda by: {p: r["losses"] for p, r in by.items()}
-    for seed, by in complete.items():
-        curves = curves_of(by)
-        for other, name in (("fp8", "accuracy_summary"), ("bf16_rerun", "accuracy_control_bf16_rerun")):
-            if other in curves:
-                rep.emit(name=name, seed=seed, **setting, **compare_curves(curves["bf16"], curves[other]),
-                         **(forward_penalties(by) if other == "fp8" else {}))
+    curves = {seed: {p: r["losses"] for p, r in by.items()} for seed, by in complete.items()}
+    fp8_vs_bf16 = {seed: compare_curves(c["bf16"], c["fp8"]) for seed, c in curves.items()}
+    for seed, c in curves.items():
+        rep.emit(name="accuracy_summary", seed=seed, **setting, **fp8_vs_bf16[seed],
+                 **forward_penalties(complete[seed]))
+        if "bf16_rerun" in c:
+            rep.emit(name="accuracy_control_bf16_rerun", seed=seed, **setting,
+                     **compare_curves(c["bf16"], c["bf16_rerun"]))
     if not complete:
         return
-    plotted = curves_of(next(iter(complete.values())))
+    plotted = next(iter(curves.values()))
     if len(complete) > 1:
-        plotted = {p: np.mean([curves_of(by)[p] for by in complete.values()], axis=0).tolist()
-                   for p in ("bf16", "fp8")}
-        per_seed = [compare_curves(curves_of(by)["bf16"], curves_of(by)["fp8"]) for by in complete.values()]
-        signed = [c["final_signed_rel_diff"] for c in per_seed]
+        plotted = {p: np.mean([c[p] for c in curves.values()], axis=0).tolist() for p in ("bf16", "fp8")}
+        signed = [cmp["final_signed_rel_diff"] for cmp in fp8_vs_bf16.values()]
         rep.emit(name="accuracy_summary_seed_mean", seeds=sorted(complete), **setting,
                  **compare_curves(plotted["bf16"], plotted["fp8"]), final_signed_rel_diff_per_seed=signed,
                  final_signed_rel_diff_std=float(np.std(signed, ddof=1)),
-                 max_rel_diff_after_warmup_per_seed=[c["max_rel_diff_after_warmup"] for c in per_seed])
+                 max_rel_diff_after_warmup_per_seed=[cmp["max_rel_diff_after_warmup"] for cmp in fp8_vs_bf16.values()])
     if plot:
         seeds = f"mean of {len(complete)} seeds" if len(complete) > 1 else "same seed and data"
         title = (f"{setting['config']}: BF16 vs FP8, {seeds}\n{setting['steps']} steps of {setting['batch']} x 256 "
