@@ -74,7 +74,7 @@ MGPU_INTERPRETABLE = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("b_block", [128, 1])  # 128: one b scale per warpgroup tile (FMA promotion); 1: per column
-@pytest.mark.parametrize("n, k_blocks", [(128, 1), (192, 1), (128, 2)])  # 192: narrow tiles; 2: two K blocks a step
+@pytest.mark.parametrize("n, k_blocks", [(128, 1), (192, 1), (128, 2)])  # 192: a partial tile; 2: two K blocks a step
 def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n, k_blocks):
     m, k = 128, 384 * k_blocks                   # one CTA row of tiles, K blocks with their own scales
     a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
@@ -114,10 +114,10 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
 
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
     # two K blocks a step, 2 steps in flight, where K has an even number of blocks; otherwise one block a step
-    # with the deepest pipeline (of 5) that divides the K steps; N a multiple of 64 only: the narrow tiles
-    two, one, narrow = gemm_mgpu.DEFAULT_CONFIG, gemm_mgpu.ONE_BLOCK_CONFIG, gemm_mgpu.NARROW_CONFIG
+    # with the deepest pipeline (of 5) that divides the K steps; the same where N's last tile is partial
+    two, one = gemm_mgpu.DEFAULT_CONFIG, gemm_mgpu.ONE_BLOCK_CONFIG
     for n, k, config, stages in ((7168, 16384, two, 2), (32768, 512, two, 2), (7168, 384, one, 3),
-                                 (7168, 1152, one, 3), (2112, 7168, narrow, 4)):
+                                 (7168, 1152, one, 3), (2112, 7168, two, 2)):
         cfg = gemm_mgpu.config_for(4096, n, k)
         assert cfg == dataclasses.replace(config, max_concurrent_steps=stages)
         assert gemm_mgpu.chains(cfg, 4096, n, k)
@@ -131,11 +131,38 @@ def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
     assert not gemm_mgpu.fits(128, 256, 256, dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m"))
 
 
-def test_mosaic_gpu_gemm_rejects_partial_tiles():
-    a, a_s = fp8.quantize(normal(0, (100, 256)))
+@pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
+                    reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
+@pytest.mark.parametrize("m, n, config", [
+    (200, 192, gemm_mgpu.DEFAULT_CONFIG),     # the last tiles along M and N partial (72 rows, 64 columns of 128)
+    (128, 320, dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, cluster_dim="m")),  # a CTA pair's second row empty
+    (128, 192, gemm_mgpu.NARROW_CONFIG),      # 64-wide tiles: whole ones
+])
+def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
+    # TMA reads zeros past the operands' last rows and drops the stores past the output's: the edge tiles are
+    # computed in full and written in part. Two CTAs, so that each walks several tiles (chained).
+    monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
+    if INTERPRET and config.cluster_dim:
+        pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
+    k = 512
+    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (128, 128))
+    cfg = gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, jnp.float32), k)
+    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=128, out_dtype=jnp.float32, backend="xla")
+    assert out.shape == (m, n) and np.isfinite(np.asarray(out)).all()
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
+def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():
+    # partial tiles are fine; sizes Mosaic GPU's TMA copies do not take (M % 8, N % 64: the operands' and the
+    # swizzled output's tiling) or a partial 128-wide K block are not
+    assert gemm_mgpu.supports(104, 192, 256) and gemm_mgpu.config_for(104, 192, 256) == gemm_mgpu.DEFAULT_CONFIG
     assert not gemm_mgpu.supports(100, 128, 256) and not gemm_mgpu.supports(128, 96, 256)
-    assert gemm_mgpu.config_for(128, 192, 256).tile_n == gemm_mgpu.NARROW_CONFIG.tile_n
-    with pytest.raises(ValueError, match="needs M"):
+    assert not gemm_mgpu.supports(128, 128, 200)
+    assert not gemm_mgpu.fits(104, 192, 256, gemm_mgpu.DEFAULT_CONFIG)         # whole tiles (the grouped kernel)
+    a, a_s = fp8.quantize(normal(0, (100, 256)))
+    with pytest.raises(ValueError, match="needs M % 8"):
         gemm_mgpu.scaled_matmul(a, a_s, a, a_s, b_block=1, interpret=True)
 
 

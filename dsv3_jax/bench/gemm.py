@@ -149,7 +149,7 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
         measure(rep, deadline, base, "fp8_block_pallas", op, block, ref, flops, _cfg_name(cfg), **timing)
     for cfg in CONFIGS_MGPU if want("fp8_block_mgpu") and jax.default_backend() == "gpu" else ():
         cfg = gemm_mgpu.chained_stages(cfg, k)
-        if gemm_mgpu.fits(m, n, k, cfg):
+        if gemm_mgpu.fits(m, n, k, cfg, edge_tiles=True):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
             measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg, m, n, k),
                     **timing)

@@ -11,8 +11,9 @@ their scales into shared memory with TMA (`emit_pipeline_warp_specialized`, `max
 buffers), and two math warpgroups each own half of the tile. Per K block a math warpgroup issues FP8
 WGMMAs into a fresh FP32 accumulator, waits for them, and adds the result times a_scale (x) b_scale
 into its running FP32 sum (DeepSeek's promotion every N_C = 128). The wait stalls only that warpgroup:
-the other one's WGMMAs keep the tensor cores busy meanwhile. Needs M, N divisible by the CTA tile and
-K by 128 (`supports`); other shapes go to the Triton kernel.
+the other one's WGMMAs keep the tensor cores busy meanwhile. Needs K divisible by 128, M by 8 and N by 64
+(`supports`; other shapes go to the Triton kernel); the last tiles along M and N may be partial: TMA reads
+zeros past the operands' rows and drops the stores past the output's.
 
 With `k_blocks` > 1 a pipeline step carries several K blocks: their WGMMAs are all in flight before the
 first block's promotion, which then overlaps the later blocks' WGMMAs. When b's scale block covers a whole
@@ -25,17 +26,18 @@ GEMMs (4-16 K blocks a tile) pay in full. Optionally (`cluster_dim`) CTA pairs s
 by TMA multicast.
 
 Measured (bench/RESULTS.md) on H100: 597-843 TFLOP/s at M=4096 (2.2-2.7x the Triton kernel, whose WGMMAs the
-promotion serializes). On H200, run 9, M=4096, side by side in one process: the default (two K blocks a step,
-2 in flight, chained) 824-1085 against cuBLAS BF16's 695-837 at the five shapes with N % 128 == 0; at
-(2112, 7168) the narrow 64x64 tiles stay behind BF16 (824 vs 909). Chaining alone (one block a step, one
-process per configuration): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing b reach
-1057-1063 at (24576, 1536) and (7168, 16384) but lose at short K, so they are not the default.
+promotion serializes). On H200, run 10, M=4096, medians of 4-5 side-by-side rounds: the default (two K blocks
+a step, 2 in flight, chained) 826-1153 against cuBLAS BF16's 670-796, ahead at all six DeepGEMM shapes,
+(2112, 7168) included (902 vs 785, its last 128-wide tile partial; the 64x64 tiles it took before: 623).
+Chaining alone (run 9, one block a step): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing
+b are ahead at some shapes and behind at others, within the rounds' spread, so they are not the default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,20 +108,30 @@ class MgpuGemmConfig(WarpgroupTiles):
         return 2 if self.cluster_dim == "n" else 1
 
 
-# Measured on H200 (bench/RESULTS.md run 9, M = 4096, side by side): 64x128 per warpgroup (CTA 128x128), two
-# 128-wide K blocks per step, 2 steps in flight, tiles chained: 824-1085 TFLOP/s, ahead of cuBLAS BF16 at the
-# five shapes with N % 128 == 0 (by 0.4% at (32768, 512)); wider per-warpgroup tiles (128x128) need a second
+# Measured on H200 (bench/RESULTS.md run 10, M = 4096, medians of side-by-side rounds): 64x128 per warpgroup
+# (CTA 128x128), two 128-wide K blocks per step, 2 steps in flight, tiles chained: 826-1153 TFLOP/s, ahead of
+# cuBLAS BF16 (670-796) at all six DeepGEMM shapes; wider per-warpgroup tiles (128x128) need a second
 # 128-register FP32 tile for the promotion and spill. One block per step (at most 5 in flight, as many as divide
 # the K steps) where K has an odd number of blocks.
 DEFAULT_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
 ONE_BLOCK_CONFIG = MgpuGemmConfig()
-NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)    # N a multiple of 64 but not of 128 (e.g. 2112)
+# 64x64 tiles (whole tiles where N % 128 == 64): run 10, (2112, 7168): 623 TFLOP/s against the default's 805
+NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)
 
 
-def fits(m: int, n: int, k: int, config: WarpgroupTiles) -> bool:
-    """Whether `config` tiles these sizes (whole cluster tiles along M and N, whole 128-wide K blocks)."""
-    return (m % (config.cta_m * config.cluster_m) == 0 and n % (config.cta_n * config.cluster_n) == 0
-            and k % (SCALE_BLOCK * config.k_blocks) == 0)
+def fits(m: int, n: int, k: int, config: WarpgroupTiles, edge_tiles: bool = False) -> bool:
+    """Whether `config` tiles these sizes: whole 128-wide K blocks, and whole cluster tiles along M and N, or
+    with `edge_tiles` (the dense kernel; the last tiles partial) any M and N that Mosaic GPU's TMA copies take:
+    M % 8 (the operands' (8, 128) tiling), N % 64 (the swizzled output tiles: 64 BF16 or 32 FP32 wide)."""
+    whole_k = k % (SCALE_BLOCK * config.k_blocks) == 0
+    if edge_tiles:
+        return whole_k and m % 8 == 0 and n % 64 == 0
+    return whole_k and m % (config.cta_m * config.cluster_m) == 0 and n % (config.cta_n * config.cluster_n) == 0
+
+
+def tile_counts(config: WarpgroupTiles, m: int, n: int) -> tuple[int, int]:
+    """Cluster tiles along M and N covering [M, N], the last ones partial where the sizes are not multiples."""
+    return -(-m // (config.cta_m * config.cluster_m)), -(-n // (config.cta_n * config.cluster_n))
 
 
 def pipeline_bytes(config: WarpgroupTiles) -> int:
@@ -167,7 +179,7 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
     for every consumption, only on a CTA's last tile: with one tile there is no last call to drain in, and a
     CTA of a cluster must not exit before its peer's arrivals)."""
     steps, clusters = k_steps(config, k), NUM_SMS // (config.cluster_m * config.cluster_n)
-    tiles = (m // (config.cta_m * config.cluster_m)) * (n // (config.cta_n * config.cluster_n))
+    tiles = math.prod(tile_counts(config, m, n))
     return (config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
             and (config.cluster_dim is None or tiles >= 2 * clusters))
 
@@ -175,7 +187,7 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
     fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel)."""
-    config = next((c for c in (DEFAULT_CONFIG, ONE_BLOCK_CONFIG, NARROW_CONFIG) if fits(m, n, k, c)), None)
+    config = next((c for c in (DEFAULT_CONFIG, ONE_BLOCK_CONFIG) if fits(m, n, k, c, edge_tiles=True)), None)
     return None if config is None else chained_stages(fit_smem(config, out_dtype), k)
 
 
@@ -274,7 +286,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     n = b_gmem.shape[0]
     out_dtype = out_gmem.dtype
     tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
-    m_iters, n_iters = m // (cta_m * cfg.cluster_m), n // (cta_n * cfg.cluster_n)
+    m_iters, n_iters = tile_counts(cfg, m, n)
     steps = k_steps(cfg, k)
     shared = {"m": "b", "n": "a"}.get(cfg.cluster_dim)     # CTAs paired along M share b's blocks, along N a's
     stages, chain = min(cfg.max_concurrent_steps, steps), chains(cfg, m, n, k)
@@ -348,9 +360,9 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     check_scaled_operands(a, a_scale, b, b_scale, b_block)
     (m, k), n = a.shape, b.shape[0]
     cfg = fit_smem(config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG, out_dtype)
-    if not fits(m, n, k, cfg):
-        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {cfg.cta_m * cfg.cluster_m}, N % {cfg.cta_n * cfg.cluster_n}, "
-                         f"K % {SCALE_BLOCK * cfg.k_blocks} == 0; got M={m}, N={n}, K={k}")
+    if not fits(m, n, k, cfg, edge_tiles=True):
+        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % 8, N % 64 and K % {SCALE_BLOCK * cfg.k_blocks} == 0; "
+                         f"got M={m}, N={n}, K={k}")
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
