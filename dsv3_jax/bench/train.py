@@ -46,6 +46,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -289,9 +290,9 @@ def plot_curves(curves: dict[str, list[float]], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _subprocess(args: list[str], timeout: float) -> tuple[list[dict[str, Any]], str]:
-    """Run a measuring process; its JSON lines and the tail of its other output."""
-    env = {**os.environ, **PROCESS_ENV}
+def _subprocess(args: list[str], timeout: float, env: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
+    """Run a measuring process with `env` on top of ours; its JSON lines and the tail of its other output."""
+    env = {**os.environ, **PROCESS_ENV, **env}
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
         text, tail = proc.stdout, proc.stderr[-2000:]
@@ -310,33 +311,38 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
     me = [sys.executable, "-m", "dsv3_jax.bench.train"]
-    jobs: list[tuple[str, list[str]]] = []
+    jobs: list[tuple[str, list[str], dict[str, str]]] = []     # name, command, environment
     if peer:
         jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
-                                  str(batch), "--seq", str(seq), "--steps", str(steps)]))
+                                  str(batch), "--seq", str(seq), "--steps", str(steps)], {}))
     setting = dict(config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch, peak_lr=accuracy_lr,
                    attention=accuracy_attention)
+    # the accuracy runs of one precision compile the same program for every seed: they share a compilation
+    # cache (not the throughput runs, whose compile time is a figure)
+    cache = tempfile.TemporaryDirectory(prefix="dsv3-accuracy-cache-")
     for seed in range(accuracy_seeds if accuracy_steps else 0):
         for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
             spec = dict(**setting, fp8=fp8, rerun=rerun, seq=256, seed=seed)
             suffix = f"_seed{seed}" if accuracy_seeds > 1 else ""
-            jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)]))
+            jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)],
+                         {"JAX_COMPILATION_CACHE_DIR": cache.name}))
     for spec in default_specs(config, batch, seq):
         if only == "all" or spec["name"] in only.split(","):
-            jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})]))
+            jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})], {}))
     runs: dict[int, dict[str, dict[str, Any]]] = {}          # seed -> precision -> accuracy record
-    for name, args in jobs:
+    for name, args, env in jobs:
         left = deadline - time.monotonic()
         if left < 30:
             rep.emit(name=name, skipped=f"time budget of {budget_s:.0f} s spent")
             continue
-        records, tail = _subprocess(args, left)
+        records, tail = _subprocess(args, left, env)
         if not records:
             rep.emit(name=name, error=tail)
         for r in records:
             rep.emit(**{**r, "name": name})
             if r.get("mode") == "accuracy":
                 runs.setdefault(r.get("seed", 0), {})[r["precision"]] = r
+    cache.cleanup()
     _accuracy_summaries(rep, runs, dict(**setting, smooth_window=SMOOTH), plot)
     rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
                "compile_s", "seed", "final_rel_diff", "error"])
