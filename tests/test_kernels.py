@@ -71,22 +71,26 @@ def test_blockwise_fp8_gemm(m, n, k, b_block, cfg):
 MGPU_INTERPRETABLE = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
+def check_mosaic_gpu_gemm(m: int, n: int, k: int, cfg: gemm_mgpu.MgpuGemmConfig, b_block: int = 128) -> None:
+    """The Mosaic GPU GEMM under `cfg` (FP32 out) against the XLA reference, on rows and K blocks of their own
+    scales. Hopper's FP8 WGMMA adds its products with ~14 significant bits (DeepSeek-V3 sec. 3.3.2), so on the
+    GPU the error is that rounding, not FP32's: the worst element is bounded against the output's scale."""
+    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
+    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (b_block, 128))
+    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, config=cfg,
+                                  interpret=INTERPRET)
+    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, backend="xla")
+    assert out.shape == (m, n) and np.isfinite(np.asarray(out)).all()
+    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+
+
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("b_block", [128, 1])  # 128: one b scale per warpgroup tile (FMA promotion); 1: per column
 @pytest.mark.parametrize("n, k_blocks", [(128, 1), (192, 1), (128, 2)])  # 192: a partial tile; 2: two K blocks a step
 def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n, k_blocks):
     m, k = 128, 384 * k_blocks                   # one CTA row of tiles, K blocks with their own scales
-    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
-    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (b_block, 128))
-    cfg = dataclasses.replace(gemm_mgpu.config_for(m, n, k), k_blocks=k_blocks)
-    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, config=cfg,
-                                  interpret=INTERPRET)
-    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=b_block, out_dtype=jnp.float32, backend="xla")
-    # Hopper's FP8 WGMMA adds its products with ~14 significant bits (DeepSeek-V3 sec. 3.3.2), so on the GPU
-    # the error is that rounding, not FP32's: bound the worst element against the output's scale.
-    assert np.isfinite(np.asarray(out)).all()
-    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+    check_mosaic_gpu_gemm(m, n, k, dataclasses.replace(gemm_mgpu.config_for(m, n, k), k_blocks=k_blocks), b_block)
 
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
@@ -100,16 +104,11 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
     # of 132 CTAs would only do on problems too large for the interpreter
     monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
     m, n, k = 512, 256, 1536                      # 12 K blocks: 4 stages of one block, or 2 of two, divide them
-    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
-    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (128, 128))
     base = gemm_mgpu.DEFAULT_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
     cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
     cfg = gemm_mgpu.chained_stages(cfg, k)
     assert gemm_mgpu.chains(cfg, m, n, k) == chain_tiles
-    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
-    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=128, out_dtype=jnp.float32, backend="xla")
-    assert np.isfinite(np.asarray(out)).all()
-    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+    check_mosaic_gpu_gemm(m, n, k, cfg)
 
 
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
@@ -145,13 +144,7 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
     if INTERPRET and config.cluster_dim:
         pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
     k = 512
-    a, a_s = fp8.quantize(normal(0, (m, k)) * jnp.exp(normal(1, (m, 1))))
-    b, b_s = fp8.quantize(normal(2, (n, k)) * jnp.exp(normal(3, (1, k))), (128, 128))
-    cfg = gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, jnp.float32), k)
-    out = gemm_mgpu.scaled_matmul(a, a_s, b, b_s, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
-    ref = fp8.scaled_matmul(a, a_s, b, b_s, b_block=128, out_dtype=jnp.float32, backend="xla")
-    assert out.shape == (m, n) and np.isfinite(np.asarray(out)).all()
-    assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
+    check_mosaic_gpu_gemm(m, n, k, gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, jnp.float32), k))
 
 
 def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():

@@ -53,6 +53,7 @@ NUM_SMS = 132          # H100 SXM / H200
 FP8_SWIZZLE = 128      # bytes: a 128-wide K block of FP8 is one 128-byte swizzle row
 SMEM_LIMIT = 232448    # bytes of shared memory one CTA may take on H100 / H200 (227 KiB)
 SMEM_SLACK = 2048      # barriers and alignment on top of `smem_bytes` (1104 bytes measured, H100)
+EDGE_M, EDGE_N = 8, 64  # M, N multiples that TMA copies of partial edge tiles take (`fits(..., edge_tiles=True)`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def fits(m: int, n: int, k: int, config: WarpgroupTiles, edge_tiles: bool = Fals
     M % 8 (the operands' (8, 128) tiling), N % 64 (the swizzled output tiles: 64 BF16 or 32 FP32 wide)."""
     whole_k = k % (SCALE_BLOCK * config.k_blocks) == 0
     if edge_tiles:
-        return whole_k and m % 8 == 0 and n % 64 == 0
+        return whole_k and m % EDGE_M == 0 and n % EDGE_N == 0
     return whole_k and m % (config.cta_m * config.cluster_m) == 0 and n % (config.cta_n * config.cluster_n) == 0
 
 
@@ -361,8 +362,8 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     (m, k), n = a.shape, b.shape[0]
     cfg = fit_smem(config or config_for(m, n, k, out_dtype) or DEFAULT_CONFIG, out_dtype)
     if not fits(m, n, k, cfg, edge_tiles=True):
-        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % 8, N % 64 and K % {SCALE_BLOCK * cfg.k_blocks} == 0; "
-                         f"got M={m}, N={n}, K={k}")
+        raise ValueError(f"Mosaic GPU FP8 GEMM needs M % {EDGE_M}, N % {EDGE_N} and "
+                         f"K % {SCALE_BLOCK * cfg.k_blocks} == 0; got M={m}, N={n}, K={k}")
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
