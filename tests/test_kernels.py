@@ -263,6 +263,10 @@ def test_grouped_gemm_kernel_choice(monkeypatch):
     assert grouped_gemm.default_wgrad_config(True, 65536, 7168, 2048) == grouped_gemm_mgpu.WGRAD_CONFIG
     assert grouped_gemm.default_wgrad_config(True, 65500, 7168, 2048) == grouped_gemm.DEFAULT_FP8   # partial block
     assert grouped_gemm.default_wgrad_config(False, 65536, 7168, 2048) == grouped_gemm.DEFAULT_BF16
+    # 4-byte operands (a float32 model): half the K depth, the BF16 tile's shared memory per stage
+    assert grouped_gemm.default_config(False, 65536, 2048, 7168, itemsize=4) == grouped_gemm.DEFAULT_FP32
+    assert grouped_gemm.default_wgrad_config(False, 65536, 7168, 2048, itemsize=4) == grouped_gemm.DEFAULT_FP32
+    assert grouped_gemm.DEFAULT_FP32.block_k * 4 == grouped_gemm.DEFAULT_BF16.block_k * 2
     for config, out_dtype, stages in ((mosaic, jnp.bfloat16, mosaic.max_concurrent_steps),
                                       (grouped_gemm_mgpu.WGRAD_CONFIG, jnp.float32, 4)):   # FP32 wgrad: 4 of 5
         cfg = grouped_gemm_mgpu.fit_smem(config, out_dtype)

@@ -31,6 +31,7 @@ must hold fewer than 2^31 elements.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -55,6 +56,16 @@ from dsv3_jax.kernels.grouped_gemm_mgpu import MgpuGroupedConfig
 # / 4 stages (the FP32 promotion tile next to the accumulator makes wider FP8 tiles spill registers).
 DEFAULT_BF16 = GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
 DEFAULT_FP8 = GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+# FP32 operands (e.g. a float32 model on the "pallas" backend): the BF16 tile at half the K depth, so its three
+# stages take the same 144 KiB of shared memory (at block_k=64 they ask 288 KiB, past H100/H200's 227 KiB).
+DEFAULT_FP32 = dataclasses.replace(DEFAULT_BF16, block_k=DEFAULT_BF16.block_k // 2)
+
+
+def _triton_default(scaled: bool, itemsize: int) -> GemmConfig:
+    """The Triton tile for FP8 (scaled), 2-byte or 4-byte operands."""
+    if scaled:
+        return DEFAULT_FP8
+    return DEFAULT_FP32 if itemsize > 2 else DEFAULT_BF16
 
 
 def tile_table(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -118,13 +129,15 @@ def _grouped_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, *refs, m: int, 
     pltr.store(o_ref.at[pl.ds(row0, bm), pl.ds(pid_n * bn, bn)], acc.astype(o_ref.dtype), mask=tile_mask(mine, col_ok))
 
 
-def default_config(scaled: bool, m: int, n: int, k: int, interpret: bool = False) -> GemmConfig | MgpuGroupedConfig:
+def default_config(scaled: bool, m: int, n: int, k: int, interpret: bool = False,
+                   itemsize: int = 2) -> GemmConfig | MgpuGroupedConfig:
     """The kernel and tile `grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic GPU kernel
-    where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), everything else the Triton kernel."""
+    where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), everything else the Triton kernel
+    with the tile for its operands' `itemsize` in bytes."""
     mosaic = grouped_gemm_mgpu.config_for(m, n, k)
     if scaled and not interpret and jax.default_backend() == "gpu" and mosaic is not None:
         return mosaic
-    return DEFAULT_FP8 if scaled else DEFAULT_BF16
+    return _triton_default(scaled, itemsize)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "b_block", "out_dtype", "config", "interpret"))
@@ -149,7 +162,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, lhs_s
     if k != k2 or group_sizes.shape != (n_groups,):
         raise ValueError(f"shapes do not fit: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
                          f"group_sizes {group_sizes.shape}")
-    cfg = config or default_config(scaled, m, n, k, interpret)
+    cfg = config or default_config(scaled, m, n, k, interpret, max(lhs.dtype.itemsize, rhs.dtype.itemsize))
     if isinstance(cfg, MgpuGroupedConfig):
         if not scaled:
             raise ValueError("the Mosaic GPU grouped GEMM is FP8 only")
@@ -222,13 +235,14 @@ def _transposed_kernel(start_ref, end_ref, a_ref, b_ref, *refs, ka: int, nb: int
                mask=tile_mask(row_ok, col_ok))
 
 
-def default_wgrad_config(scaled: bool, m: int, ka: int, nb: int,
-                         interpret: bool = False) -> GemmConfig | MgpuGroupedConfig:
+def default_wgrad_config(scaled: bool, m: int, ka: int, nb: int, interpret: bool = False,
+                         itemsize: int = 2) -> GemmConfig | MgpuGroupedConfig:
     """The kernel and tile `transposed_grouped_matmul` uses when given no config: FP8 on a GPU takes the Mosaic
-    GPU kernel where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), the rest the Triton one."""
+    GPU kernel where its tiles fit (measured faster on H100, bench/RESULTS.md run 5), the rest the Triton one
+    with the tile for its operands' `itemsize` in bytes."""
     if scaled and not interpret and jax.default_backend() == "gpu" and grouped_gemm_mgpu.supports_wgrad(m, ka, nb):
         return grouped_gemm_mgpu.WGRAD_CONFIG
-    return DEFAULT_FP8 if scaled else DEFAULT_BF16
+    return _triton_default(scaled, itemsize)
 
 
 @functools.partial(jax.jit, static_argnames=("tokens_last", "out_dtype", "config", "interpret"))
@@ -253,7 +267,7 @@ def transposed_grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array
     (ka, m), (nb, m2) = (a.shape, b.shape) if tokens_last else (a.shape[::-1], b.shape[::-1])
     if m != m2:
         raise ValueError(f"token counts differ: a {a.shape} vs b {b.shape} (tokens_last={tokens_last})")
-    cfg = config or default_wgrad_config(scaled, m, ka, nb, interpret)
+    cfg = config or default_wgrad_config(scaled, m, ka, nb, interpret, max(a.dtype.itemsize, b.dtype.itemsize))
     if isinstance(cfg, MgpuGroupedConfig):
         if not scaled:
             raise ValueError("the Mosaic GPU grouped wgrad is FP8 only")
