@@ -162,9 +162,9 @@ def _cfg_name(cfg: GemmConfig) -> str:
 def _mgpu_name(cfg: MgpuGemmConfig, m: int, n: int, k: int) -> str:
     chained = "/chain" if gemm_mgpu.chains(cfg, m, n, k) else ""
     cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
-    # the snake's minor dimension and the epilogue's width, where they are not the defaults ("n", 64)
-    minor = "" if cfg.grid_minor_dim == "n" else f"/minor{cfg.grid_minor_dim}"
-    epilogue = "" if cfg.epi_tile_n == 64 else f"/epi{cfg.epi_tile_n}"
+    # the snake's minor dimension and the epilogue's width, where they are not the dataclass defaults
+    minor = "" if cfg.grid_minor_dim == MgpuGemmConfig.grid_minor_dim else f"/minor{cfg.grid_minor_dim}"
+    epilogue = "" if cfg.epi_tile_n == MgpuGemmConfig.epi_tile_n else f"/epi{cfg.epi_tile_n}"
     return (f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
             f"/k{cfg.k_blocks}{chained}{cluster}{minor}{epilogue}")
 
