@@ -111,22 +111,6 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
     check_mosaic_gpu_gemm(m, n, k, cfg)
 
 
-@pytest.mark.skipif(INTERPRET, reason="the Mosaic GPU interpreter has no delayed buffer release of WGMMA operands")
-@pytest.mark.parametrize("b_block", [128, 1])
-@pytest.mark.parametrize("m, n", [(512, 256), (200, 192)])   # several whole tiles per CTA; partial edge tiles
-def test_mosaic_gpu_gemm_overlapped_promotion(monkeypatch, b_block, m, n):
-    # each CTA walks several tiles, each tile's pipeline releasing its buffers a step late
-    monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
-    check_mosaic_gpu_gemm(m, n, 1536, gemm_mgpu.fit_smem(gemm_mgpu.OVERLAP_CONFIG, jnp.float32), b_block)
-
-
-def test_mosaic_gpu_gemm_overlap_needs_two_unchained_k_blocks():
-    assert not gemm_mgpu.chains(gemm_mgpu.OVERLAP_CONFIG, 4096, 7168, 16384)
-    for bad in (dict(k_blocks=1, chain_tiles=False), dict(k_blocks=2, chain_tiles=True)):
-        with pytest.raises(ValueError, match="overlap_steps"):
-            gemm_mgpu.MgpuGemmConfig(overlap_steps=True, **bad)
-
-
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
     # two K blocks a step, 2 steps in flight, where K has an even number of blocks; otherwise one block a step
     # with the deepest pipeline (of 5) that divides the K steps; the same where N's last tile is partial

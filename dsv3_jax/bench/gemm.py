@@ -162,7 +162,6 @@ def _cfg_name(cfg: GemmConfig) -> str:
 def _mgpu_name(cfg: MgpuGemmConfig, m: int, n: int, k: int) -> str:
     chained = "/chain" if gemm_mgpu.chains(cfg, m, n, k) else ""
     cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
-    cluster += "/overlap" if cfg.overlap_steps else ""
     # the snake's minor dimension and the epilogue's width, where they are not the dataclass defaults
     minor = "" if cfg.grid_minor_dim == MgpuGemmConfig.grid_minor_dim else f"/minor{cfg.grid_minor_dim}"
     epilogue = "" if cfg.epi_tile_n == MgpuGemmConfig.epi_tile_n else f"/epi{cfg.epi_tile_n}"

@@ -88,25 +88,17 @@ class MgpuGemmConfig(WarpgroupTiles):
     `pipeline_state`), so the memory warpgroup streams the next tile's first K blocks while the math
     warpgroups finish and store this one; needs the K steps a multiple of the stages (`config_for` picks such
     a depth). cluster_dim: "m" pairs CTAs of adjacent row tiles that share b's K blocks by TMA multicast
-    (each loads half), "n" pairs column tiles that share a's; None: one CTA per cluster. overlap_steps: the
-    promotion is software-pipelined across pipeline steps (`overlapped_step`): a step's second K block is
-    promoted in the next step, after that step's first WGMMAs are issued, so a math warpgroup always has WGMMAs
-    queued while it promotes (each buffer is released one step late, `BlockSpec.delay_release`).
+    (each loads half), "n" pairs column tiles that share a's; None: one CTA per cluster.
     """
 
     grid_minor_dim: str = "n"
     epi_tile_n: int = 64
     chain_tiles: bool = True
     cluster_dim: str | None = None
-    overlap_steps: bool = False
 
     def __post_init__(self):
         if self.cluster_dim not in (None, "m", "n"):
             raise ValueError(f"cluster_dim must be None, 'm' or 'n'; got {self.cluster_dim!r}")
-        if self.overlap_steps and (self.k_blocks != 2 or self.chain_tiles):
-            raise ValueError("overlap_steps needs k_blocks=2 and chain_tiles=False (Pallas chains no pipelines whose "
-                             f"buffers are released a step late); got k_blocks={self.k_blocks}, "
-                             f"chain_tiles={self.chain_tiles}")
 
     @property
     def cluster_m(self) -> int:
@@ -124,11 +116,6 @@ class MgpuGemmConfig(WarpgroupTiles):
 # the K steps) where K has an odd number of blocks.
 DEFAULT_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
 ONE_BLOCK_CONFIG = MgpuGemmConfig()
-# The promotion pipelined across steps (`overlapped_step`): two K blocks a step, 3 steps in flight (one more than
-# the default: each buffer is held a step longer), 64 x 32 epilogue tiles so that they fit shared memory; tiles
-# not chained (Pallas has no pipeline of pipelines with delayed release).
-OVERLAP_CONFIG = MgpuGemmConfig(max_concurrent_steps=3, k_blocks=2, epi_tile_n=32, chain_tiles=False,
-                                overlap_steps=True)
 # 64x64 tiles (whole tiles where N % 128 == 64): run 10, (2112, 7168): 623 TFLOP/s against the default's 805
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)
 
@@ -212,28 +199,27 @@ def supports(m: int, n: int, k: int) -> bool:
 
 def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compute_context: Callable[..., Any],
                steps: int | jax.Array, first_block: int | jax.Array = 0, shared: str | None = None,
-               state: jax.Array | None = None, delay_release: int = 0) -> Any:
+               state: jax.Array | None = None) -> Any:
     """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
     `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
     [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
     flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
     shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
     `plgpu.PipelinePipeline` value chaining consecutive calls (START on a CTA's first tile, STOP, which drains
-    the pipeline, on its last, STEADY between), None: each call fills and drains its own; delay_release: steps
-    after its own that a step's buffers stay readable (WGMMAs left in flight across steps)."""
+    the pipeline, on its last, STEADY between), None: each call fills and drains its own."""
     fp8_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)), plgpu.SwizzleTransform(FP8_SWIZZLE))
     u = cfg.k_blocks
 
     def block(rows: int, j: int, operand: str) -> plgpu.BlockSpec:
         return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda s: (0, first_block + s * u + j), transforms=fp8_transforms,
-                               collective_axes=("cluster",) if operand == shared else (), delay_release=delay_release)
+                               collective_axes=("cluster",) if operand == shared else ())
 
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
         max_concurrent_steps=stages, compute_context=compute_context, pipeline_state=state,
         in_specs=[*(block(cfg.cta_m, j, "a") for j in range(u)), *(block(cfg.cta_n, j, "b") for j in range(u)),
-                  plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0), delay_release=delay_release),
-                  plgpu.BlockSpec((u, cfg.cta_n), lambda s: (first_block // u + s, 0), delay_release=delay_release)],
+                  plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0)),
+                  plgpu.BlockSpec((u, cfg.cta_n), lambda s: (first_block // u + s, 0))],
     )
 
 
@@ -249,33 +235,23 @@ def promote(a_blocks: Sequence[Any], b_blocks: Sequence[Any], as_smem: Any, bs_s
     scaled add waits only for its own, overlapping the later blocks' WGMMAs. a_j: this warpgroup's rows of the
     block in shared memory, or in registers. b_uniform: the warpgroup's columns share one b scale per K block
     (b_block a multiple of tile_n), so the scale is one FP32 per row and the add a single FMA per element."""
+    shape = (tile_m, tile_n)
+
     def mma(*parts):
         for part, a, b in zip(parts, a_blocks, b_blocks, strict=True):
             plgpu.wgmma(part, a, b.at[wg_cols].transpose((1, 0)))
         out = acc
         for j, part in enumerate(parts):
             block = plgpu.wgmma_accumulator_load(part, wait_n=len(parts) - 1 - j)
-            out = scaled_add(out, block, block_scales(as_smem, bs_smem, j, wg_rows, wg_cols, b_uniform))
+            sa = as_smem[j, wg_rows]
+            if b_uniform:
+                out = out + block * lax.broadcast_in_dim(sa * bs_smem[j, wg_cols.start], shape, [0])
+            else:
+                sb = bs_smem[j, wg_cols]
+                out = out + block * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
         return out
 
-    return pl.run_scoped(mma, *(plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in a_blocks))
-
-
-def block_scales(as_smem: Any, bs_smem: Any, j: int, wg_rows: pl.Slice, wg_cols: pl.Slice,
-                 b_uniform: bool) -> tuple[jax.Array, jax.Array]:
-    """K block j's scales for this warpgroup: a's per row [tile_m], b's one FP32 (b_uniform) or per column
-    [tile_n]."""
-    return as_smem[j, wg_rows], bs_smem[j, wg_cols.start] if b_uniform else bs_smem[j, wg_cols]
-
-
-def scaled_add(total: jax.Array, block: jax.Array, scales: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """total + block * a_scale (x) b_scale for one K block's FP32 WGMMA result [tile_m, tile_n] (a single FMA
-    per element when b's scale is one FP32)."""
-    sa, sb = scales
-    shape = block.shape
-    if sb.ndim == 0:
-        return total + block * lax.broadcast_in_dim(sa * sb, shape, [0])
-    return total + block * lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+    return pl.run_scoped(mma, *(plgpu.ACC(shape, jnp.float32) for _ in a_blocks))
 
 
 def warpgroup_slices(cfg: WarpgroupTiles, wg: jax.Array) -> tuple[pl.Slice, pl.Slice]:
@@ -296,42 +272,6 @@ def promote_step(cfg: WarpgroupTiles, wg_rows: pl.Slice, wg_cols: pl.Slice, b_un
                        cfg.tile_m, cfg.tile_n, b_uniform)
 
     return body
-
-
-def overlapped_step(cfg: WarpgroupTiles, wg_rows: pl.Slice, wg_cols: pl.Slice, b_uniform: bool,
-                    interpret: bool) -> Callable[..., Any]:
-    """`k_pipeline`'s body (delay_release=1, two K blocks a step) with the promotion pipelined across steps.
-
-    Carry: the two FP32 WGMMA tiles (refs), this warpgroup's FP32 sum, and the scales of the block still in the
-    second tile. Per step: issue block 0's WGMMAs into the first tile; promote the previous step's block 1 from
-    the second tile (its WGMMAs done: wait for all but the group just issued) and zero it; issue block 1's
-    WGMMAs into it; promote block 0 likewise. So the tensor cores always have this warpgroup's next block queued
-    while it promotes. Block 1 of the last step is promoted after the pipeline (`finish_overlapped`).
-    """
-    def body(_, a0, a1, b0, b1, as_smem, bs_smem, carry):
-        (first, second), total, held = carry
-        plgpu.wgmma(first, a0.at[wg_rows], b0.at[wg_cols].transpose((1, 0)))
-        total = scaled_add(total, plgpu.wgmma_accumulator_load(second, wait_n=1), held)
-        second[...] = wgmma_zeros(cfg.tile_m, cfg.tile_n, interpret)
-        plgpu.wgmma(second, a1.at[wg_rows], b1.at[wg_cols].transpose((1, 0)))
-        total = scaled_add(total, plgpu.wgmma_accumulator_load(first, wait_n=1),
-                           block_scales(as_smem, bs_smem, 0, wg_rows, wg_cols, b_uniform))
-        first[...] = wgmma_zeros(cfg.tile_m, cfg.tile_n, interpret)
-        return (first, second), total, block_scales(as_smem, bs_smem, 1, wg_rows, wg_cols, b_uniform)
-
-    return body
-
-
-def finish_overlapped(eval_pipeline: Callable[..., Any], tile_m: int, tile_n: int, b_uniform: bool,
-                      interpret: bool) -> jax.Array:
-    """Run an `overlapped_step` pipeline from a zero sum (the second tile empty, so the first step's promotion
-    of "the previous block" adds zeros) and promote the last step's second block: the warpgroup's FP32 sum."""
-    def scoped(first, second):
-        held = jnp.zeros((tile_m,), jnp.float32), jnp.zeros(() if b_uniform else (tile_n,), jnp.float32)
-        _, total, held = eval_pipeline(((first, second), wgmma_zeros(tile_m, tile_n, interpret), held))
-        return scaled_add(total, plgpu.wgmma_accumulator_load(second, wait_n=0), held)
-
-    return pl.run_scoped(scoped, plgpu.ACC((tile_m, tile_n), jnp.float32), plgpu.ACC((tile_m, tile_n), jnp.float32))
 
 
 def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
@@ -357,8 +297,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                       plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
-    pipeline = functools.partial(k_pipeline, cfg, stages, steps=steps, shared=shared,
-                                 delay_release=int(cfg.overlap_steps))
+    pipeline = functools.partial(k_pipeline, cfg, stages, steps=steps, shared=shared)
 
     ignore = lambda *_, **__: None
 
@@ -389,16 +328,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                 last = jnp.where(info.local_index == info.num_local_steps - 1, stages_of.STOP, stages_of.STEADY)
                 state = jnp.where(info.local_index == 0, stages_of.START, last).astype(jnp.int32)
 
-            if cfg.overlap_steps:
-                body = overlapped_step(cfg, wg_rows, wg_cols, b_uniform, interpret)
-                run = functools.partial(finish_overlapped, tile_m=tile_m, tile_n=tile_n, b_uniform=b_uniform,
-                                        interpret=interpret)
-            else:
-                body = promote_step(cfg, wg_rows, wg_cols, b_uniform)
-                run = lambda eval_pipeline: eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret))
-
             def compute_context(eval_pipeline):
-                acc = run(eval_pipeline).astype(out_dtype)
+                acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for ei in range(tile_m // epi_m):
                     for ej in range(tile_n // epi_n):
@@ -411,7 +342,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_smem.at[wg, slot],
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
-            pipeline(body, compute_context, state=state)(
+            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, state=state)(
                 *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows],
                             bs_gmem.at[:, cta_cols]),
                 allocations=allocs)
