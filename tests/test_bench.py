@@ -33,6 +33,21 @@ def test_accuracy_summaries_compare_each_seed_and_the_seed_means():
     assert mean["final_signed_rel_diff_std"] == pytest.approx(0.01 * 2 ** 0.5)
 
 
+def test_accuracy_seeds_start_at_the_first_seed(monkeypatch):
+    started = []
+
+    def fake(args, timeout, env):   # a child's JSON line: the accuracy record of its spec
+        spec = __import__("json").loads(args[-1])
+        started.append((spec["seed"], train.precision_name(spec)))
+        level = 2.0 + 0.01 * spec["fp8"]
+        return [{"mode": "accuracy", "seed": spec["seed"], "precision": train.precision_name(spec),
+                 "losses": [level] * 50, "heldout_loss": level, "heldout_loss_other_precision": level}], ""
+    monkeypatch.setattr(train, "_subprocess", fake)
+    rep = train.run(None, peer=False, only="none", accuracy_steps=50, accuracy_seeds=2, accuracy_first_seed=5)
+    assert started == [(5, "bf16"), (5, "fp8"), (6, "bf16"), (6, "fp8")]
+    assert [r["seed"] for r in rep.records if r["name"] == "accuracy_summary"] == [5, 6]
+
+
 def test_profile_moe_programs_run_on_cpu():
     for target in ("moe_layer", "moe_local"):
         fn, args, context = profile.moe_programs(target, True, "xla", "auto", None, tokens=32, hidden=128,

@@ -33,7 +33,7 @@ run 5: two BF16 runs identical over 300 steps) is
 
 `--accuracy_seeds N` repeats the comparison from N seeds (initialization and batches): each seed's record,
 then the seed-mean curves compared and the per-seed signed final differences (their spread is the error bar
-of one seed's comparison).
+of one seed's comparison); `--accuracy_first_seed S` starts at seed S (seeds split over several calls).
 (--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
 other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
 in jax 0.11.2; "reference" = XLA's einsum path).
@@ -306,7 +306,8 @@ def _subprocess(args: list[str], timeout: float, env: dict[str, str]) -> tuple[l
 def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
         plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False, accuracy_batch: int = 16,
-        accuracy_lr: float = 1e-3, accuracy_attention: str = "flash", accuracy_seeds: int = 1) -> Reporter:
+        accuracy_lr: float = 1e-3, accuracy_attention: str = "flash", accuracy_seeds: int = 1,
+        accuracy_first_seed: int = 0) -> Reporter:
     """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
@@ -320,10 +321,11 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     # the accuracy runs of one precision compile the same program for every seed: they share a compilation
     # cache (not the throughput runs, whose compile time is a figure)
     cache = tempfile.TemporaryDirectory(prefix="dsv3-accuracy-cache-")
-    for seed in range(accuracy_seeds if accuracy_steps else 0):
+    seeds = range(accuracy_first_seed, accuracy_first_seed + accuracy_seeds) if accuracy_steps else range(0)
+    for seed in seeds:
         for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
             spec = dict(**setting, fp8=fp8, rerun=rerun, seq=256, seed=seed)
-            suffix = f"_seed{seed}" if accuracy_seeds > 1 else ""
+            suffix = f"_seed{seed}" if accuracy_seeds > 1 or accuracy_first_seed else ""
             jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)],
                          {"JAX_COMPILATION_CACHE_DIR": cache.name}))
     for spec in default_specs(config, batch, seq):
