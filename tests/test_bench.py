@@ -1,5 +1,7 @@
 """Benchmark helpers that run without a GPU: the accuracy comparison and the profiler's MoE programs."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -110,3 +112,33 @@ def test_quantize_bench_compares_the_kernel_with_xla_on_cpu():
                          ("weight", "bfloat16", "xla"), ("weight", "bfloat16", "pallas"), ("weight", "float32", "xla"),
                          ("weight", "float32", "pallas")}
     assert all(r["ms"] > 0 and r["mismatch"] < 1e-3 for r in records)
+
+
+def test_accuracy_records_of_several_calls_merge_into_one_seed_mean(tmp_path):
+    def record(seed, precision, level, **setting):
+        return {"mode": "accuracy", "seed": seed, "precision": precision, "losses": [level] * 50,
+                "heldout_loss": level, "heldout_loss_other_precision": level, "config": "small", "steps": 50,
+                "batch": 64, "peak_lr": 3e-4, "attention": "reference", **setting}
+
+    def write(name, *records):
+        path = tmp_path / name
+        path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+        return str(path)
+
+    # seed 0 in the first call, seeds 0 (the same runs again) and 1 in the second: FP8 +1% and -1%
+    first = write("a.jsonl", record(0, "bf16", 2.0), record(0, "fp8", 2.02), {"name": "accuracy_summary"})
+    second = write("b.jsonl", record(0, "bf16", 2.0), record(1, "bf16", 2.0), record(1, "fp8", 1.98))
+    rep = train.summarize_accuracy([first, second])
+    (mean,) = [r for r in rep.records if r["name"] == "accuracy_summary_seed_mean"]
+    assert mean["seeds"] == [0, 1] and mean["final_signed_rel_diff_per_seed"] == pytest.approx([0.01, -0.01])
+
+    other_lr = write("c.jsonl", record(2, "bf16", 2.0, peak_lr=1e-3))
+    with pytest.raises(ValueError, match="c.jsonl:1: an accuracy record of another setting"):
+        train.merge_accuracy_records([first, other_lr])
+    rerun_differs = write("d.jsonl", record(0, "fp8", 2.03))
+    with pytest.raises(ValueError, match="seed 0 \\(fp8\\) recorded before with other losses"):
+        train.merge_accuracy_records([first, rerun_differs])
+    with pytest.raises(ValueError, match="no accuracy records"):
+        train.merge_accuracy_records([write("e.jsonl", {"name": "accuracy_summary"})])
+    with pytest.raises(ValueError, match="f.jsonl:1: not a JSON line"):
+        train.merge_accuracy_records([write("f.jsonl", "x")])

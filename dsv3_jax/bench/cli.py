@@ -5,14 +5,15 @@
     dsv3-bench quantize                      # FP8 quantization of GEMM operands: XLA fusions vs the fused kernel
     dsv3-bench train --config proxy-1gpu     # tokens/s, MFU, memory: JAX BF16 and FP8 vs HF transformers (PyTorch)
     dsv3-bench train --only none --nopeer --accuracy_steps 300 --plot curves.png   # BF16 vs FP8 loss curves
+    dsv3-bench accuracy --records a.jsonl,b.jsonl --plot curves.png   # those of several calls' seeds, merged
     dsv3-bench moe_layer                     # expert-parallel MoE layer, EP=1 vs EP=all GPUs, all-to-all GB/s
     dsv3-bench pipeline --schedule dualpipe --pp 8   # draws the schedule (PNG), bubble/params/activations per schedule
     dsv3-bench pipeline_step --config proxy-1gpu --schedule dualpipe   # pipe=all GPUs vs pipe=1: time, bubble
     dsv3-bench plan --config deepseek-v3-671b --mesh pipe=16,expert=64,data=2   # per-device memory per schedule
     dsv3-bench profile --target moe_layer    # device time per kernel (moe_layer, moe_local, train)
 
-Names: gemm, grouped_gemm, quantize, train, moe_layer, pipeline, pipeline_step, plan, profile. Figures measured on this
-project's devices: dsv3_jax/bench/RESULTS.md.
+Names: gemm, grouped_gemm, quantize, train, accuracy, moe_layer, pipeline, pipeline_step, plan, profile. Figures
+measured on this project's devices: dsv3_jax/bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ flags.DEFINE_integer("accuracy_seeds", 1, "train: repeat the accuracy comparison
                      "and compare the seed-mean curves too.", flag_values=FLAGS, lower_bound=1)
 flags.DEFINE_integer("accuracy_first_seed", 0, "train: the first of the --accuracy_seeds seeds (to split seeds over "
                      "several calls).", flag_values=FLAGS, lower_bound=0)
+flags.DEFINE_string("records", None, "accuracy: comma-separated JSONL files of earlier `train --accuracy_steps "
+                    "--out` calls.", flag_values=FLAGS)
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
                    flag_values=FLAGS)
 
@@ -89,7 +92,8 @@ flags.DEFINE_bool("fp8", False, "profile: train target in FP8.", flag_values=FLA
 flags.DEFINE_string("hlo_dir", None, "profile: also write the optimized HLO (gzip) into this folder.",
                     flag_values=FLAGS)
 
-NAMES = ("gemm", "grouped_gemm", "quantize", "train", "moe_layer", "pipeline", "pipeline_step", "plan", "profile")
+NAMES = ("gemm", "grouped_gemm", "quantize", "train", "accuracy", "moe_layer", "pipeline", "pipeline_step", "plan",
+         "profile")
 
 
 def main(argv: list[str]) -> int:
@@ -131,6 +135,16 @@ def main(argv: list[str]) -> int:
         pipeline_step.run(FLAGS.config, FLAGS.schedule, FLAGS.pp, FLAGS.microbatches,
                           rows=FLAGS.batch if FLAGS["batch"].present else 1, seq=FLAGS.seq, steps=FLAGS.steps,
                           out=FLAGS.out)
+    elif name == "accuracy":
+        from dsv3_jax.bench import train
+        if not FLAGS.records:
+            print("dsv3-bench: error: accuracy needs --records FILE[,FILE...]", file=sys.stderr)
+            return 2
+        try:
+            train.summarize_accuracy(FLAGS.records.split(","), FLAGS.out, FLAGS.plot)
+        except (OSError, ValueError) as err:
+            print(f"dsv3-bench: error: {err}", file=sys.stderr)
+            return 2
     elif name == "plan":
         from dsv3_jax.bench import plan
         config = FLAGS.config if FLAGS["config"].present else "deepseek-v3-671b"

@@ -48,6 +48,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from dsv3_jax.bench.timing import Reporter
 
 PROCESS_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}   # one process per measurement may use the whole GPU
 SMOOTH = 20                                                 # moving-average window of the accuracy comparison
+SETTING_KEYS = ("config", "steps", "batch", "peak_lr", "attention")   # what makes accuracy records comparable
 HELDOUT_BATCHES = 4                                         # batches of other windows scoring the trained weights
 
 
@@ -383,6 +385,48 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
             plot_curves(plotted, plot, title)
         except ImportError as err:
             rep.emit(name="plot", error=f"no plot: {err}")
+
+
+def merge_accuracy_records(paths: Sequence[str]) -> tuple[dict[int, dict[str, dict[str, Any]]], dict[str, Any]]:
+    """The accuracy records (seed -> precision -> record) in the JSON lines of earlier `dsv3-bench train
+    --accuracy_steps N --out FILE` calls, and the setting they share (`SETTING_KEYS`). A seed and precision
+    recorded twice must hold the same losses (the runs are deterministic); records of another setting, lines that
+    are not JSON and files without accuracy records are errors that name the file."""
+    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    setting: dict[str, Any] | None = None
+    for path in paths:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+            if record.get("mode") != "accuracy" or "losses" not in record:
+                continue
+            this = {k: record.get(k) for k in SETTING_KEYS}
+            setting = setting or this
+            if this != setting:
+                raise ValueError(f"{path}:{n}: an accuracy record of another setting ({this}, not {setting})")
+            seed, precision = record.get("seed", 0), record["precision"]
+            seen = runs.setdefault(seed, {}).get(precision)
+            if seen is not None and seen["losses"] != record["losses"]:
+                raise ValueError(f"{path}:{n}: seed {seed} ({precision}) recorded before with other losses")
+            runs[seed][precision] = record
+    if setting is None:
+        raise ValueError(f"no accuracy records in {', '.join(paths)}")
+    return runs, setting
+
+
+def summarize_accuracy(paths: Sequence[str], out: str | None = None, plot: str | None = None) -> Reporter:
+    """`dsv3-bench accuracy --records A,B`: the accuracy summaries (per seed, and of the seed means) over the
+    records of several earlier calls, e.g. seeds split with --accuracy_first_seed."""
+    runs, setting = merge_accuracy_records(paths)
+    rep = Reporter("train", out, with_device=False)
+    _accuracy_summaries(rep, runs, dict(**setting, smooth_window=SMOOTH), plot)
+    rep.table(["name", "seed", "seeds", "final_signed_rel_diff", "max_rel_diff_after_warmup",
+               "mean_signed_rel_diff_after_warmup", "heldout_gap_fp8", "heldout_gap_bf16_weights_fp8_forward"])
+    return rep
 
 
 def _child_main(argv: list[str]) -> None:
