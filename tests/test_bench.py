@@ -50,6 +50,18 @@ def test_accuracy_seeds_start_at_the_first_seed(monkeypatch):
     assert [r["seed"] for r in rep.records if r["name"] == "accuracy_summary"] == [5, 6]
 
 
+def test_gemm_bench_takes_mosaic_configs_as_json():
+    from dsv3_jax.bench import gemm
+    from dsv3_jax.kernels.gemm_mgpu import MgpuGemmConfig
+
+    assert gemm.mgpu_configs('[{"tile_m": 128, "epi_tile_n": 32}, {}]') == (
+        MgpuGemmConfig(tile_m=128, epi_tile_n=32), MgpuGemmConfig())
+    for bad, message in (("x", "not JSON"), ('{"k_blocks": 1}', "list of objects"),
+                         ('[{"tile_x": 1}]', "entry .*tile_x"), ('[{"cluster_dim": "k"}]', "entry .*cluster_dim")):
+        with pytest.raises(ValueError, match=message):
+            gemm.mgpu_configs(bad)
+
+
 def test_profile_moe_programs_run_on_cpu():
     for target in ("moe_layer", "moe_local"):
         fn, args, context = profile.moe_programs(target, True, "xla", "auto", None, tokens=32, hidden=128,

@@ -30,6 +30,9 @@ flags.DEFINE_string("out", None, "Append every JSON line to this file too.", fla
 flags.DEFINE_string("shapes", "all", "gemm: 'all' or comma-separated MxNxK.", flag_values=FLAGS)
 flags.DEFINE_string("impls", "all", "gemm: 'all' or some of bf16,fp8_tensor,fp8_block_jnp,fp8_block_pallas,"
                     "fp8_block_mgpu.", flag_values=FLAGS)
+flags.DEFINE_string("mgpu_configs", None, "gemm: a JSON list of MgpuGemmConfig keyword dicts to sweep instead of "
+                    "bench.gemm.CONFIGS_MGPU, e.g. '[{\"k_blocks\": 1, \"max_concurrent_steps\": 4}]'.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("layouts", "all", "grouped_gemm: 'all' or some of 8x4096,4x8192,skewed32.", flag_values=FLAGS)
 flags.DEFINE_string("nk", "all", "grouped_gemm: 'all' or comma-separated NxK.", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", None, "gemm / grouped_gemm / quantize: calls per timed batch (default 4 / 2 / 4).",
@@ -109,7 +112,13 @@ def main(argv: list[str]) -> int:
     name = rest[1]
     if name == "gemm":
         from dsv3_jax.bench import gemm
-        gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, impls=FLAGS.impls)
+        try:
+            configs = gemm.mgpu_configs(FLAGS.mgpu_configs) if FLAGS.mgpu_configs else gemm.CONFIGS_MGPU
+        except ValueError as err:
+            print(f"dsv3-bench: error: {err}", file=sys.stderr)
+            return 2
+        gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, impls=FLAGS.impls,
+                 configs_mgpu=configs)
     elif name == "grouped_gemm":
         from dsv3_jax.bench import grouped_gemm
         grouped_gemm.run(FLAGS.out, FLAGS.layouts, repeats=FLAGS.repeats or 2, budget_s=FLAGS.budget_s,

@@ -16,6 +16,7 @@ FP32-accumulated product of the same (dequantized) operands, so a fast but wrong
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +72,29 @@ def _per_tensor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (x.astype(jnp.float32) / s).astype(fp8.FP8_DTYPE), s
 
 
+def mgpu_configs(text: str) -> tuple[MgpuGemmConfig, ...]:
+    """A JSON list of `MgpuGemmConfig` keyword dicts (e.g. '[{"k_blocks": 1, "max_concurrent_steps": 4}]') -> the
+    configurations, with a ValueError that names the bad entry."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--mgpu_configs is not JSON: {err}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"--mgpu_configs must be a JSON list of objects, got {text!r}")
+    configs = []
+    for entry in entries:
+        try:
+            configs.append(MgpuGemmConfig(**entry))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--mgpu_configs entry {entry}: {err}") from None
+    return tuple(configs)
+
+
 def run(out: str | None = None, shapes: str = "all", repeats: int = 4, iters: int = 7,
-        budget_s: float | None = None, impls: str = "all") -> Reporter:
-    """Every shape (or `shapes`, comma-separated MxNxK) through every variant (or `impls`, comma-separated)."""
+        budget_s: float | None = None, impls: str = "all",
+        configs_mgpu: tuple[MgpuGemmConfig, ...] = CONFIGS_MGPU) -> Reporter:
+    """Every shape (or `shapes`, comma-separated MxNxK) through every variant (or `impls`, comma-separated), the
+    Mosaic GPU kernel under each of `configs_mgpu`."""
     rep = Reporter("gemm", out)
     deadline = Deadline(budget_s)
     wanted = [(m, n, k) for m in MS for n, k in SHAPES_NK]
@@ -83,7 +104,8 @@ def run(out: str | None = None, shapes: str = "all", repeats: int = 4, iters: in
         if deadline.left() < 0:
             rep.emit(m=m, n=n, k=k, skipped="time budget")
             continue
-        _bench_shape(rep, deadline, m, n, k, repeats, iters, None if impls == "all" else impls.split(","))
+        _bench_shape(rep, deadline, m, n, k, repeats, iters, None if impls == "all" else impls.split(","),
+                     configs_mgpu)
     _summary(rep)
     return rep
 
@@ -121,7 +143,7 @@ def _fp8_block_jnp(x8: jax.Array, sx: jax.Array, w8: jax.Array, sw: jax.Array) -
 
 
 def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repeats: int, iters: int,
-                 impls: list[str] | None) -> None:
+                 impls: list[str] | None, configs_mgpu: tuple[MgpuGemmConfig, ...]) -> None:
     base, flops = dict(m=m, n=n, k=k), 2.0 * m * n * k
     timing = dict(repeats=repeats, iters=iters)
     want = lambda impl: impls is None or impl in impls
@@ -147,7 +169,7 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
     for cfg in (CONFIGS_SMALL_M if m <= 256 else CONFIGS_LARGE_M) if want("fp8_block_pallas") else ():
         op = functools.partial(gemm.scaled_matmul, b_block=128, config=cfg)
         measure(rep, deadline, base, "fp8_block_pallas", op, block, ref, flops, _cfg_name(cfg), **timing)
-    for cfg in CONFIGS_MGPU if want("fp8_block_mgpu") and jax.default_backend() == "gpu" else ():
+    for cfg in configs_mgpu if want("fp8_block_mgpu") and jax.default_backend() == "gpu" else ():
         cfg = gemm_mgpu.chained_stages(cfg, k)
         if gemm_mgpu.fits(m, n, k, cfg, edge_tiles=True):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
