@@ -31,6 +31,13 @@ a step, 2 in flight, chained) 826-1153 against cuBLAS BF16's 670-796, ahead at a
 (2112, 7168) included (902 vs 785, its last 128-wide tile partial; the 64x64 tiles it took before: 623).
 Chaining alone (run 9, one block a step): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing
 b are ahead at some shapes and behind at others, within the rounds' spread, so they are not the default.
+
+Where the rest of the time goes (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
+elapsed time, L2 at 59%, issue slots at 37%, no spills; both math warpgroups wait on the same stage and promote
+at the same time, and each fresh FP32 tile costs 64 register moves (Mosaic GPU's wgmma always accumulates). Tried
+and slower there: 128 x 128 or 64 x 256 warpgroup tiles promoted in 64 x 128 pieces (25% less operand traffic,
+but they spill past the 232 registers a math warpgroup gets: 12-27% slower), and the promotion pipelined across
+K steps with `BlockSpec.delay_release=1` (15-33% slower at all six shapes; commit 0fbc8f8).
 """
 
 from __future__ import annotations
