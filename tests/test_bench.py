@@ -152,5 +152,5 @@ def test_accuracy_records_of_several_calls_merge_into_one_seed_mean(tmp_path):
         train.merge_accuracy_records([first, rerun_differs])
     with pytest.raises(ValueError, match="no accuracy records"):
         train.merge_accuracy_records([write("e.jsonl", {"name": "accuracy_summary"})])
-    with pytest.raises(ValueError, match="f.jsonl:1: not a JSON line"):
+    with pytest.raises(ValueError, match="f.jsonl:1: invalid JSON"):
         train.merge_accuracy_records([write("f.jsonl", "x")])

@@ -394,15 +394,11 @@ def merge_accuracy_records(paths: Sequence[str]) -> tuple[dict[int, dict[str, di
     are not JSON and files without accuracy records are errors that name the file."""
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     setting: dict[str, Any] | None = None
+    from dsv3_jax.data.sources import json_lines
+
     for path in paths:
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
-            if record.get("mode") != "accuracy" or "losses" not in record:
+        for n, record in json_lines(path):
+            if not isinstance(record, dict) or record.get("mode") != "accuracy" or "losses" not in record:
                 continue
             this = {k: record.get(k) for k in SETTING_KEYS}
             setting = setting or this

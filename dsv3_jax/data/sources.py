@@ -23,8 +23,9 @@ import hashlib
 import json
 import re
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -123,16 +124,23 @@ def read_text(path: str | Path) -> list[str]:
     return [b for b in _BLANK_LINES.split(_read_utf8(Path(path))) if b.strip()]
 
 
-def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
-    """The string `field` of every JSON object line of `path`."""
-    path, docs = Path(path), []
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON is a DataError naming
+    the file and line."""
+    path = Path(path)
     for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
+    """The string `field` of every JSON object line of `path`."""
+    path, docs = Path(path), []
+    for n, row in json_lines(path):
         if not isinstance(row, dict) or field not in row:
             raise DataError(f"{path}:{n}: no field {field!r} in this line")
         if not isinstance(row[field], str):
