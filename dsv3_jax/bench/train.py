@@ -392,10 +392,10 @@ def merge_accuracy_records(paths: Sequence[str]) -> tuple[dict[int, dict[str, di
     --accuracy_steps N --out FILE` calls, and the setting they share (`SETTING_KEYS`). A seed and precision
     recorded twice must hold the same losses (the runs are deterministic); records of another setting, lines that
     are not JSON and files without accuracy records are errors that name the file."""
-    runs: dict[int, dict[str, dict[str, Any]]] = {}
-    setting: dict[str, Any] | None = None
     from dsv3_jax.data.sources import json_lines
 
+    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    setting: dict[str, Any] | None = None
     for path in paths:
         for n, record in json_lines(path):
             if not isinstance(record, dict) or record.get("mode") != "accuracy" or "losses" not in record:
