@@ -39,7 +39,7 @@ def test_accuracy_seeds_start_at_the_first_seed(monkeypatch):
     started = []
 
     def fake(args, timeout, env):   # a child's JSON line: the accuracy record of its spec
-        spec = __import__("json").loads(args[-1])
+        spec = json.loads(args[-1])
         started.append((spec["seed"], train.precision_name(spec)))
         level = 2.0 + 0.01 * spec["fp8"]
         return [{"mode": "accuracy", "seed": spec["seed"], "precision": train.precision_name(spec),

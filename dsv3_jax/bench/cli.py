@@ -99,24 +99,27 @@ NAMES = ("gemm", "grouped_gemm", "quantize", "train", "accuracy", "moe_layer", "
          "profile")
 
 
+def _error(message: str) -> int:
+    """Print `message` as dsv3-bench's error and give the exit status of a bad invocation."""
+    print(f"dsv3-bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     xla_env.set_defaults()          # before any benchmark starts a JAX backend (children inherit it)
     try:
         rest = FLAGS(argv)
     except flags.Error as err:
-        print(f"dsv3-bench: error: {err}\n\n{__doc__}", file=sys.stderr)
-        return 2
+        return _error(f"{err}\n\n{__doc__}")
     if len(rest) != 2 or rest[1] not in NAMES:
-        print(f"dsv3-bench: error: give one benchmark name of {', '.join(NAMES)}\n\n{__doc__}", file=sys.stderr)
-        return 2
+        return _error(f"give one benchmark name of {', '.join(NAMES)}\n\n{__doc__}")
     name = rest[1]
     if name == "gemm":
         from dsv3_jax.bench import gemm
         try:
             configs = gemm.mgpu_configs(FLAGS.mgpu_configs) if FLAGS.mgpu_configs else gemm.CONFIGS_MGPU
         except ValueError as err:
-            print(f"dsv3-bench: error: {err}", file=sys.stderr)
-            return 2
+            return _error(str(err))
         gemm.run(FLAGS.out, FLAGS.shapes, repeats=FLAGS.repeats or 4, budget_s=FLAGS.budget_s, impls=FLAGS.impls,
                  configs_mgpu=configs)
     elif name == "grouped_gemm":
@@ -147,13 +150,11 @@ def main(argv: list[str]) -> int:
     elif name == "accuracy":
         from dsv3_jax.bench import train
         if not FLAGS.records:
-            print("dsv3-bench: error: accuracy needs --records FILE[,FILE...]", file=sys.stderr)
-            return 2
+            return _error("accuracy needs --records FILE[,FILE...]")
         try:
             train.summarize_accuracy(FLAGS.records.split(","), FLAGS.out, FLAGS.plot)
         except (OSError, ValueError) as err:
-            print(f"dsv3-bench: error: {err}", file=sys.stderr)
-            return 2
+            return _error(str(err))
     elif name == "plan":
         from dsv3_jax.bench import plan
         config = FLAGS.config if FLAGS["config"].present else "deepseek-v3-671b"

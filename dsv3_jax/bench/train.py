@@ -318,8 +318,8 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     if peer:
         jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
                                   str(batch), "--seq", str(seq), "--steps", str(steps)], {}))
-    setting = dict(config=accuracy_config, steps=accuracy_steps, batch=accuracy_batch, peak_lr=accuracy_lr,
-                   attention=accuracy_attention)
+    setting = dict(zip(SETTING_KEYS, (accuracy_config, accuracy_steps, accuracy_batch, accuracy_lr, accuracy_attention),
+                       strict=True))
     # the accuracy runs of one precision compile the same program for every seed: they share a compilation
     # cache (not the throughput runs, whose compile time is a figure)
     cache = tempfile.TemporaryDirectory(prefix="dsv3-accuracy-cache-")
@@ -347,7 +347,7 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
             if r.get("mode") == "accuracy":
                 runs.setdefault(r.get("seed", 0), {})[r["precision"]] = r
     cache.cleanup()
-    _accuracy_summaries(rep, runs, dict(**setting, smooth_window=SMOOTH), plot)
+    _accuracy_summaries(rep, runs, setting, plot)
     rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
                "compile_s", "seed", "final_rel_diff", "error"])
     return rep
@@ -358,6 +358,7 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
     """Per seed, FP8 (and the BF16 rerun) against BF16; over several seeds, the seed-mean curves compared too
     (the per-seed signed final differences show the spread a single seed's comparison has); the plot draws
     the one seed's curves, or the seed means."""
+    setting = dict(setting, smooth_window=SMOOTH)
     complete = {seed: by for seed, by in sorted(runs.items()) if "bf16" in by and "fp8" in by}
     curves = {seed: {p: r["losses"] for p, r in by.items()} for seed, by in complete.items()}
     fp8_vs_bf16 = {seed: compare_curves(c["bf16"], c["fp8"]) for seed, c in curves.items()}
@@ -419,7 +420,7 @@ def summarize_accuracy(paths: Sequence[str], out: str | None = None, plot: str |
     records of several earlier calls, e.g. seeds split with --accuracy_first_seed."""
     runs, setting = merge_accuracy_records(paths)
     rep = Reporter("train", out, with_device=False)
-    _accuracy_summaries(rep, runs, dict(**setting, smooth_window=SMOOTH), plot)
+    _accuracy_summaries(rep, runs, setting, plot)
     rep.table(["name", "seed", "seeds", "final_signed_rel_diff", "max_rel_diff_after_warmup",
                "mean_signed_rel_diff_after_warmup", "heldout_gap_fp8", "heldout_gap_bf16_weights_fp8_forward"])
     return rep
