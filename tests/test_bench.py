@@ -35,19 +35,25 @@ def test_accuracy_summaries_compare_each_seed_and_the_seed_means():
     assert mean["final_signed_rel_diff_std"] == pytest.approx(0.01 * 2 ** 0.5)
 
 
-def test_accuracy_seeds_start_at_the_first_seed(monkeypatch):
-    started = []
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_accuracy_seeds_start_at_the_first_seed(monkeypatch, parallel):
+    started, memory = [], set()
 
     def fake(args, timeout, env):   # a child's JSON line: the accuracy record of its spec
         spec = json.loads(args[-1])
         started.append((spec["seed"], train.precision_name(spec)))
+        memory.add(env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
         level = 2.0 + 0.01 * spec["fp8"]
         return [{"mode": "accuracy", "seed": spec["seed"], "precision": train.precision_name(spec),
                  "losses": [level] * 50, "heldout_loss": level, "heldout_loss_other_precision": level}], ""
     monkeypatch.setattr(train, "_subprocess", fake)
-    rep = train.run(None, peer=False, only="none", accuracy_steps=50, accuracy_seeds=2, accuracy_first_seed=5)
-    assert started == [(5, "bf16"), (5, "fp8"), (6, "bf16"), (6, "fp8")]
+    rep = train.run(None, peer=False, only="none", accuracy_steps=50, accuracy_seeds=2, accuracy_first_seed=5,
+                    accuracy_parallel=parallel)
+    assert sorted(started) == [(5, "bf16"), (5, "fp8"), (6, "bf16"), (6, "fp8")]
+    assert [r["name"] for r in rep.records if r.get("mode") == "accuracy"] == [   # reported in job order
+        "accuracy_bf16_seed5", "accuracy_fp8_seed5", "accuracy_bf16_seed6", "accuracy_fp8_seed6"]
     assert [r["seed"] for r in rep.records if r["name"] == "accuracy_summary"] == [5, 6]
+    assert memory == ({None} if parallel == 1 else {"0.300"})   # parallel runs share the GPU's memory
 
 
 def test_gemm_bench_takes_mosaic_configs_as_json():

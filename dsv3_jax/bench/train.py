@@ -33,7 +33,8 @@ run 5: two BF16 runs identical over 300 steps) is
 
 `--accuracy_seeds N` repeats the comparison from N seeds (initialization and batches): each seed's record,
 then the seed-mean curves compared and the per-seed signed final differences (their spread is the error bar
-of one seed's comparison); `--accuracy_first_seed S` starts at seed S (seeds split over several calls).
+of one seed's comparison); `--accuracy_first_seed S` starts at seed S (seeds split over several calls);
+`--accuracy_parallel P` trains P runs at a time on the one GPU (the small model leaves it mostly idle).
 (--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
 other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
 in jax 0.11.2; "reference" = XLA's einsum path).
@@ -48,7 +49,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -305,47 +307,64 @@ def _subprocess(args: list[str], timeout: float, env: dict[str, str]) -> tuple[l
     return records, tail
 
 
+def _run_jobs(jobs: list[tuple[str, list[str], dict[str, str]]], deadline: float, parallel: int = 1
+              ) -> Iterator[tuple[str, list[dict[str, Any]] | None, str]]:
+    """Run jobs (name, command, environment), `parallel` at a time; yield (name, JSON records, output tail) in
+    job order, records None for a job that would have started less than 30 s before the deadline."""
+    def one(job: tuple[str, list[str], dict[str, str]]) -> tuple[str, list[dict[str, Any]] | None, str]:
+        name, args, env = job
+        left = deadline - time.monotonic()
+        return (name, None, "") if left < 30 else (name, *_subprocess(args, left, env))
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        yield from pool.map(one, jobs)
+
+
 def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq: int = 4096, steps: int = 5,
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
         plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False, accuracy_batch: int = 16,
         accuracy_lr: float = 1e-3, accuracy_attention: str = "flash", accuracy_seeds: int = 1,
-        accuracy_first_seed: int = 0) -> Reporter:
-    """Run the peer, then each JAX measurement and the accuracy runs in child processes, within budget_s."""
+        accuracy_first_seed: int = 0, accuracy_parallel: int = 1) -> Reporter:
+    """Run the peer, the accuracy runs (accuracy_parallel at a time, sharing the GPU) and each throughput
+    measurement (alone) in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
     deadline = time.monotonic() + budget_s
     me = [sys.executable, "-m", "dsv3_jax.bench.train"]
-    jobs: list[tuple[str, list[str], dict[str, str]]] = []     # name, command, environment
+    peer_jobs: list[tuple[str, list[str], dict[str, str]]] = []     # name, command, environment
     if peer:
-        jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config, "--batch",
-                                  str(batch), "--seq", str(seq), "--steps", str(steps)], {}))
+        peer_jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config,
+                                       "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)], {}))
     setting = dict(zip(SETTING_KEYS, (accuracy_config, accuracy_steps, accuracy_batch, accuracy_lr, accuracy_attention),
                        strict=True))
     # the accuracy runs of one precision compile the same program for every seed: they share a compilation
-    # cache (not the throughput runs, whose compile time is a figure)
+    # cache (not the throughput runs, whose compile time is a figure); run side by side, each gets its share of
+    # the GPU's memory (their losses do not depend on it: bench/RESULTS.md run 13)
     cache = tempfile.TemporaryDirectory(prefix="dsv3-accuracy-cache-")
+    accuracy_env = {"JAX_COMPILATION_CACHE_DIR": cache.name}
+    if accuracy_parallel > 1:
+        accuracy_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / accuracy_parallel:.3f}"
+    accuracy_jobs = []
     seeds = range(accuracy_first_seed, accuracy_first_seed + accuracy_seeds) if accuracy_steps else range(0)
     for seed in seeds:
         for fp8, rerun in [(False, False), (True, False)] + [(False, True)] * accuracy_control:
             spec = dict(**setting, fp8=fp8, rerun=rerun, seq=256, seed=seed)
             suffix = f"_seed{seed}" if accuracy_seeds > 1 or accuracy_first_seed else ""
-            jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)],
-                         {"JAX_COMPILATION_CACHE_DIR": cache.name}))
-    for spec in default_specs(config, batch, seq):
-        if only == "all" or spec["name"] in only.split(","):
-            jobs.append((spec["name"], [*me, "--measure", json.dumps({**spec, "steps": steps})], {}))
+            accuracy_jobs.append((f"accuracy_{precision_name(spec)}{suffix}", [*me, "--accuracy", json.dumps(spec)],
+                                  accuracy_env))
+    chosen = [s for s in default_specs(config, batch, seq) if only == "all" or s["name"] in only.split(",")]
+    throughput_jobs = [(s["name"], [*me, "--measure", json.dumps({**s, "steps": steps})], {}) for s in chosen]
     runs: dict[int, dict[str, dict[str, Any]]] = {}          # seed -> precision -> accuracy record
-    for name, args, env in jobs:
-        left = deadline - time.monotonic()
-        if left < 30:
-            rep.emit(name=name, skipped=f"time budget of {budget_s:.0f} s spent")
-            continue
-        records, tail = _subprocess(args, left, env)
-        if not records:
-            rep.emit(name=name, error=tail)
-        for r in records:
-            rep.emit(**{**r, "name": name})
-            if r.get("mode") == "accuracy":
-                runs.setdefault(r.get("seed", 0), {})[r["precision"]] = r
+    for group, parallel in ((peer_jobs, 1), (accuracy_jobs, accuracy_parallel), (throughput_jobs, 1)):
+        for name, records, tail in _run_jobs(group, deadline, parallel):
+            if records is None:
+                rep.emit(name=name, skipped=f"time budget of {budget_s:.0f} s spent")
+                continue
+            if not records:
+                rep.emit(name=name, error=tail)
+            for r in records:
+                rep.emit(**{**r, "name": name})
+                if r.get("mode") == "accuracy":
+                    runs.setdefault(r.get("seed", 0), {})[r["precision"]] = r
     cache.cleanup()
     _accuracy_summaries(rep, runs, setting, plot)
     rep.table(["name", "precision", "mode", "batch", "step_s", "tokens_per_s", "model_tflops", "mfu", "peak_mem_gb",
