@@ -54,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsv3_jax.kernels import wgmma_zero_init
 from dsv3_jax.kernels.gemm import SCALE_BLOCK, check_scaled_operands
 
 NUM_SMS = 132          # H100 SXM / H200
@@ -374,23 +375,24 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
-    kernel = plgpu.kernel(
+    kernel = warp_specialized_kernel(
         functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(NUM_SMS // (cfg.cluster_m * cfg.cluster_n),), grid_names=("sm",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **_cluster_kwargs(cfg), **_interpret_kwargs(interpret))
+        jax.ShapeDtypeStruct((m, n), out_dtype), interpret, cluster=cfg.cluster_m * cfg.cluster_n)
     return kernel(a, b, a_s, b_s)
 
 
-def _cluster_kwargs(cfg: MgpuGemmConfig) -> dict:
-    if cfg.cluster_dim is None:
-        return {}
-    return {"cluster": (2,), "cluster_names": ("cluster",)}
-
-
-def _interpret_kwargs(interpret: bool) -> dict:
-    if not interpret:
-        return {}
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return {"interpret": InterpretGPUParams()}
+def warp_specialized_kernel(body: Callable[..., None], out_type: jax.ShapeDtypeStruct, interpret: bool,
+                            cluster: int = 1) -> Callable[..., jax.Array]:
+    """`plgpu.kernel` of this package's GEMMs: a persistent grid of one CTA per SM ("sm"; CTA pairs along
+    "cluster" when cluster=2), three warpgroups ("wg": two math, one memory), warpgroup lowering semantics.
+    Compiled (not interpreted) kernels start their accumulator tiles without zero-filling registers
+    (`wgmma_zero_init`; DSV3_WGMMA_ZERO_INIT=0 turns that off)."""
+    kwargs: dict[str, Any] = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams()
+    else:
+        wgmma_zero_init.install()
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(NUM_SMS // cluster,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kwargs)

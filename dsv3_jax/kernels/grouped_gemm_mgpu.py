@@ -47,13 +47,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from dsv3_jax.kernels import gemm_mgpu
 from dsv3_jax.kernels.gemm import SCALE_BLOCK
 from dsv3_jax.kernels.gemm_mgpu import (
-    NUM_SMS,
     WarpgroupTiles,
-    _interpret_kwargs,
     k_operands,
     k_pipeline,
     promote,
     promote_step,
+    warp_specialized_kernel,
     warpgroup_slices,
     wgmma_zeros,
 )
@@ -185,12 +184,9 @@ def scaled_grouped_matmul(table: tuple[jax.Array, jax.Array, jax.Array], lhs: ja
     # scales K-block-major, rhs's expanded to one per row of rhs[g]: [Kb, M], [G, Kb, N] (TMA rows of one K block)
     a_s = lhs_scale.astype(jnp.float32).T
     b_s = jnp.swapaxes(jnp.repeat(rhs_scale.astype(jnp.float32), b_block, axis=1)[:, :n], 1, 2)
-    kernel = plgpu.kernel(
+    kernel = warp_specialized_kernel(
         functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(NUM_SMS,), grid_names=("sm",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **_interpret_kwargs(interpret))
+        jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
     return kernel(*table, lhs, rhs, a_s, b_s)
 
 
@@ -281,10 +277,6 @@ def scaled_grouped_wgrad(group_sizes: jax.Array, a_t: jax.Array, a_scale: jax.Ar
     cfg = fit_smem(config, jnp.float32)
     ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    kernel = plgpu.kernel(
-        functools.partial(_wgrad_kernel, cfg=cfg, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((group_sizes.shape[0], ka, nb), jnp.float32),
-        grid=(NUM_SMS,), grid_names=("sm",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **_interpret_kwargs(interpret))
+    kernel = warp_specialized_kernel(functools.partial(_wgrad_kernel, cfg=cfg, interpret=interpret),
+                                     jax.ShapeDtypeStruct((group_sizes.shape[0], ka, nb), jnp.float32), interpret)
     return kernel(starts, ends, a_t, b_t, a_scale.astype(jnp.float32).T, b_scale.astype(jnp.float32).T)
