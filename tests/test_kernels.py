@@ -8,7 +8,6 @@ edges included.
 """
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax
-from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm, grouped_gemm_mgpu, wgmma_zero_init
+from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm, grouped_gemm_mgpu
 from dsv3_jax.kernels.gemm import GemmConfig
 from dsv3_jax.ops import fp8
 from dsv3_jax.ops.attention import mla_flash_attention
@@ -168,49 +167,6 @@ def test_mosaic_gpu_gemm_config_fits_shared_memory(out_dtype):
         assert gemm_mgpu.smem_bytes(cfg, out_dtype) + gemm_mgpu.SMEM_SLACK <= gemm_mgpu.SMEM_LIMIT
     steps = gemm_mgpu.fit_smem(gemm_mgpu.ONE_BLOCK_CONFIG, out_dtype).max_concurrent_steps
     assert steps == (4 if out_dtype == jnp.float32 else gemm_mgpu.ONE_BLOCK_CONFIG.max_concurrent_steps)
-
-
-def mosaic_gpu_lowering(monkeypatch, fn, *args) -> str:
-    """The text of the Mosaic GPU kernels in `fn(*args)` lowered for a GPU (on any backend), after Mosaic GPU's
-    Python lowering of its dialect: the LLVM-level module, WGMMA inline PTX included."""
-    import jax.experimental.mosaic.gpu as mgpu
-
-    modules, lower = [], mgpu.lower_mgpu_dialect
-
-    def keep(module, *rest, **kwargs):
-        out = lower(module, *rest, **kwargs)
-        modules.append(str(module))
-        return out
-    monkeypatch.setattr(mgpu, "lower_mgpu_dialect", keep)
-    jax.clear_caches()
-    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    return "\n".join(modules)
-
-
-@pytest.mark.skipif(not wgmma_zero_init.install(), reason="this jax's Mosaic GPU lacks the lowerings it wraps")
-@pytest.mark.parametrize("k_blocks", [1, 2])
-def test_fresh_wgmma_tiles_are_overwritten_not_zero_filled(monkeypatch, k_blocks):
-    # per pipeline step a math warpgroup takes k_blocks fresh FP32 tiles: with the patch, no zero-filling
-    # optimization barrier (an empty inline asm over the tile's registers) is left for them, and the first
-    # WGMMA instruction of each tile has scale-d false (use_out 1 compared with 1); without it, none does
-    m, n, k = 256, 256, 512
-    a, a_s = fp8.quantize(normal(0, (m, k)))
-    cfg = dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, k_blocks=k_blocks)
-    matmul = lambda a, a_s: gemm_mgpu.scaled_matmul(a, a_s, a, a_s, b_block=1, config=cfg)
-    overwrite, accumulate = r"setp\.ne\.b32 p, \$\d+, 1;", r"setp\.ne\.b32 p, \$\d+, 0;"
-    zero_fill = 'llvm.inline_asm has_side_effects asm_dialect = att ""'
-    counts = {}
-    for patched in (True, False):
-        if not patched:       # the kernels install it when they are built: the environment flag keeps it off
-            monkeypatch.setenv(wgmma_zero_init.ENV_FLAG, "0")
-            wgmma_zero_init.uninstall()
-        text = mosaic_gpu_lowering(monkeypatch, matmul, a, a_s)
-        counts[patched] = (len(re.findall(overwrite, text)), len(re.findall(accumulate, text)), text.count(zero_fill))
-    monkeypatch.delenv(wgmma_zero_init.ENV_FLAG)
-    wgmma_zero_init.install()
-    instructions = 4 * k_blocks          # m64n128k32 WGMMAs per 128-wide K block: 4
-    assert counts[False] == (0, instructions, counts[False][2]) and counts[False][2] >= k_blocks
-    assert counts[True] == (k_blocks, instructions - k_blocks, counts[False][2] - k_blocks)
 
 
 def test_blockwise_fp8_gemm_checks_operands():

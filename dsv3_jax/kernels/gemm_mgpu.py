@@ -54,7 +54,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels import wgmma_zero_init
 from dsv3_jax.kernels.gemm import SCALE_BLOCK, check_scaled_operands
 
 NUM_SMS = 132          # H100 SXM / H200
@@ -384,15 +383,12 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
 def warp_specialized_kernel(body: Callable[..., None], out_type: jax.ShapeDtypeStruct, interpret: bool,
                             cluster: int = 1) -> Callable[..., jax.Array]:
     """`plgpu.kernel` of this package's GEMMs: a persistent grid of one CTA per SM ("sm"; CTA pairs along
-    "cluster" when cluster=2), three warpgroups ("wg": two math, one memory), warpgroup lowering semantics.
-    Compiled (not interpreted) kernels start their accumulator tiles without zero-filling registers
-    (`wgmma_zero_init`; DSV3_WGMMA_ZERO_INIT=0 turns that off)."""
+    "cluster" when cluster=2), three warpgroups ("wg": two math, one memory), warpgroup lowering semantics;
+    interpret=True runs Pallas' Mosaic GPU interpreter."""
     kwargs: dict[str, Any] = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
-    else:
-        wgmma_zero_init.install()
     return plgpu.kernel(
         body, out_type=out_type, grid=(NUM_SMS // cluster,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kwargs)
