@@ -33,6 +33,9 @@ def test_accuracy_summaries_compare_each_seed_and_the_seed_means():
     (mean,) = [r for r in rep.records if r["name"] == "accuracy_summary_seed_mean"]
     assert mean["seeds"] == [0, 1] and mean["final_rel_diff"] == pytest.approx(0.0, abs=1e-12)
     assert mean["final_signed_rel_diff_std"] == pytest.approx(0.01 * 2 ** 0.5)
+    # per step, the seed mean of +1% and -1% has a standard error of std / sqrt(2) = 1%
+    assert mean["standard_error_final"] == pytest.approx(0.01) and mean["standard_error_max_after_warmup"] == (
+        pytest.approx(0.01))
 
 
 @pytest.mark.parametrize("parallel", [1, 3])

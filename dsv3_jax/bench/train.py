@@ -251,13 +251,24 @@ def smoothed(x: list[float], window: int = SMOOTH) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
 
 
+def signed_rel_diff(base: list[float], other: list[float]) -> np.ndarray:
+    """(other - base) / base of the smoothed losses, per step."""
+    a = smoothed(base)
+    return (smoothed(other) - a) / a
+
+
+def warmup_end(steps: int) -> int:
+    """The first step the accuracy comparison's maxima and means count (after two smoothing windows)."""
+    return min(steps - 1, 2 * SMOOTH)
+
+
 def compare_curves(base: list[float], other: list[float]) -> dict[str, float]:
     """Relative difference |other - base| / base of the smoothed losses: at the end, max and mean after warm-up,
     and the signed mean (other - base) / base after warm-up (a bias, where the others also count drift)."""
     a, b = smoothed(base), smoothed(other)
-    signed = (b - a) / a
+    signed = signed_rel_diff(base, other)
     rel = np.abs(signed)
-    start = min(len(rel) - 1, 2 * SMOOTH)
+    start = warmup_end(len(rel))
     return {"final_rel_diff": float(rel[-1]), "final_signed_rel_diff": float(signed[-1]),
             "max_rel_diff_after_warmup": float(rel[start:].max()),
             "mean_rel_diff_after_warmup": float(rel[start:].mean()),
@@ -265,8 +276,9 @@ def compare_curves(base: list[float], other: list[float]) -> dict[str, float]:
             "final_loss_other": float(b[-1])}
 
 
-def plot_curves(curves: dict[str, list[float]], path: str, title: str) -> None:
-    """Loss curves {"bf16": ..., "fp8": ..., optionally "bf16_rerun": ...}; below, each one's difference from BF16."""
+def plot_curves(curves: dict[str, list[float]], path: str, title: str, band: np.ndarray | None = None) -> None:
+    """Loss curves {"bf16": ..., "fp8": ..., optionally "bf16_rerun": ...}; below, each one's difference from BF16,
+    FP8's with +-band around it (seed means: two standard errors, `seed_mean_standard_error`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -283,13 +295,16 @@ def plot_curves(curves: dict[str, list[float]], path: str, title: str) -> None:
     top.legend()
     for name, curve in curves.items():
         if name != "bf16":
-            rel = (smoothed(curve) - smoothed(base)) / smoothed(base) * 100
+            rel = signed_rel_diff(base, curve) * 100
             bottom.plot(steps, rel, label=f"{name.upper()} - BF16", color=colors[name])
+            if name == "fp8" and band is not None:
+                bottom.fill_between(steps, rel - 100 * band, rel + 100 * band, color=colors[name], alpha=0.2,
+                                    label="± 2 standard errors of the seed mean")
     for sign in (1, -1):
         bottom.axhline(sign * 0.25, color="black", linestyle="--", label="±0.25% (paper)" if sign > 0 else None)
     bottom.set_ylabel("(X - BF16) / BF16 (%)")
     bottom.set_xlabel("step")
-    bottom.legend()
+    bottom.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -372,6 +387,13 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     return rep
 
 
+def seed_mean_standard_error(base: Sequence[list[float]], other: Sequence[list[float]]) -> np.ndarray:
+    """Per step, the standard error of the seed mean of `signed_rel_diff` over paired runs (one per seed): the
+    noise the seed-mean comparison still carries, std over seeds / sqrt(seeds)."""
+    diffs = np.array([signed_rel_diff(b, o) for b, o in zip(base, other, strict=True)])
+    return diffs.std(axis=0, ddof=1) / np.sqrt(len(diffs))
+
+
 def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]], setting: dict[str, Any],
                         plot: str | None) -> None:
     """Per seed, FP8 (and the BF16 rerun) against BF16; over several seeds, the seed-mean curves compared too
@@ -393,16 +415,19 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
     if len(complete) > 1:
         plotted = {p: np.mean([c[p] for c in curves.values()], axis=0).tolist() for p in ("bf16", "fp8")}
         signed = [cmp["final_signed_rel_diff"] for cmp in fp8_vs_bf16.values()]
+        error = seed_mean_standard_error([c["bf16"] for c in curves.values()], [c["fp8"] for c in curves.values()])
+        start = warmup_end(len(error))
         rep.emit(name="accuracy_summary_seed_mean", seeds=sorted(complete), **setting,
                  **compare_curves(plotted["bf16"], plotted["fp8"]), final_signed_rel_diff_per_seed=signed,
                  final_signed_rel_diff_std=float(np.std(signed, ddof=1)),
-                 max_rel_diff_after_warmup_per_seed=[cmp["max_rel_diff_after_warmup"] for cmp in fp8_vs_bf16.values()])
+                 max_rel_diff_after_warmup_per_seed=[cmp["max_rel_diff_after_warmup"] for cmp in fp8_vs_bf16.values()],
+                 standard_error_final=float(error[-1]), standard_error_max_after_warmup=float(error[start:].max()))
     if plot:
         seeds = f"mean of {len(complete)} seeds" if len(complete) > 1 else "same seed and data"
         title = (f"{setting['config']}: BF16 vs FP8, {seeds}\n{setting['steps']} steps of {setting['batch']} x 256 "
                  f"tokens, peak LR {setting['peak_lr']:g}, {setting['attention']} attention")
         try:
-            plot_curves(plotted, plot, title)
+            plot_curves(plotted, plot, title, band=2 * error if len(complete) > 1 else None)
         except ImportError as err:
             rep.emit(name="plot", error=f"no plot: {err}")
 
