@@ -34,7 +34,8 @@ run 5: two BF16 runs identical over 300 steps) is
 `--accuracy_seeds N` repeats the comparison from N seeds (initialization and batches): each seed's record,
 then the seed-mean curves compared and the per-seed signed final differences (their spread is the error bar
 of one seed's comparison); `--accuracy_first_seed S` starts at seed S (seeds split over several calls);
-`--accuracy_parallel P` trains P runs at a time on the one GPU (the small model leaves it mostly idle).
+`--accuracy_parallel P` trains P runs at a time on the one GPU (short kernels: side by side, and more so under a
+CUDA MPS daemon, they finish more seeds an hour; bench/RESULTS.md run 13).
 (--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
 other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
 in jax 0.11.2; "reference" = XLA's einsum path).
