@@ -412,7 +412,7 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
                      **compare_curves(c["bf16"], c["bf16_rerun"]))
     if not complete:
         return
-    plotted = next(iter(curves.values()))
+    plotted, band = next(iter(curves.values())), None
     if len(complete) > 1:
         plotted = {p: np.mean([c[p] for c in curves.values()], axis=0).tolist() for p in ("bf16", "fp8")}
         signed = [cmp["final_signed_rel_diff"] for cmp in fp8_vs_bf16.values()]
@@ -423,12 +423,13 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
                  final_signed_rel_diff_std=float(np.std(signed, ddof=1)),
                  max_rel_diff_after_warmup_per_seed=[cmp["max_rel_diff_after_warmup"] for cmp in fp8_vs_bf16.values()],
                  standard_error_final=float(error[-1]), standard_error_max_after_warmup=float(error[start:].max()))
+        band = 2 * error
     if plot:
         seeds = f"mean of {len(complete)} seeds" if len(complete) > 1 else "same seed and data"
         title = (f"{setting['config']}: BF16 vs FP8, {seeds}\n{setting['steps']} steps of {setting['batch']} x 256 "
                  f"tokens, peak LR {setting['peak_lr']:g}, {setting['attention']} attention")
         try:
-            plot_curves(plotted, plot, title, band=2 * error if len(complete) > 1 else None)
+            plot_curves(plotted, plot, title, band=band)
         except ImportError as err:
             rep.emit(name="plot", error=f"no plot: {err}")
 
