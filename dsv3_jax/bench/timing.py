@@ -71,21 +71,21 @@ def _fmt(v: Any) -> str:
     return str(v)[:40] if v is not None else "-"
 
 
-def _median_seconds(fn: Callable[[], Any], iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
 
 
 def time_op(op: Callable[..., Any], arg_sets: Sequence[tuple], *, repeats: int = 8, iters: int = 7,
             warmup: int = 2) -> dict[str, float]:
-    """Per-call device time of `op(*args)` in seconds: slope between batches of `repeats` and 2x`repeats` calls.
+    """Per-call device time of `op(*args)` in seconds: slope between batches of `repeats` and 2x`repeats` calls,
+    the median over `iters` pairs of batches timed back to back (so that a drift of the GPU's clock between
+    them, which a GEMM at full power drives, cancels out in each pair's difference).
 
     Call i of a batch uses arg_sets[i]: give 2 x repeats tuples that differ pairwise in at least one array.
-    Also returns the compile time of the larger batch and the output of the first call ("first").
+    Also returns the median time per call of the larger batch ("batch_seconds", launch overhead included), the
+    compile time of the larger batch and the output of the first call ("first").
     """
     if len(arg_sets) < 2 * repeats:
         raise ValueError(f"time_op needs {2 * repeats} distinct argument sets, got {len(arg_sets)}")
@@ -106,10 +106,10 @@ def time_op(op: Callable[..., Any], arg_sets: Sequence[tuple], *, repeats: int =
     for _ in range(warmup):
         jax.block_until_ready(compiled_small(sets))
         jax.block_until_ready(compiled_large(sets))
-    t_small = _median_seconds(lambda: compiled_small(sets), iters)
-    t_large = _median_seconds(lambda: compiled_large(sets), iters)
-    per_call = max(t_large - t_small, 1e-9) / repeats
-    return {"seconds": per_call, "batch_seconds": t_large / (2 * repeats), "compile_s": compile_s, "first": first}
+    pairs = [(_seconds(lambda: compiled_small(sets)), _seconds(lambda: compiled_large(sets))) for _ in range(iters)]
+    per_call = max(statistics.median(large - small for small, large in pairs), 1e-9) / repeats
+    batch = statistics.median(large for _, large in pairs) / (2 * repeats)
+    return {"seconds": per_call, "batch_seconds": batch, "compile_s": compile_s, "first": first}
 
 
 def measure(rep: Reporter, deadline: Deadline, base: dict[str, Any], impl: str, op: Callable[..., Any],
@@ -125,7 +125,8 @@ def measure(rep: Reporter, deadline: Deadline, base: dict[str, Any], impl: str, 
         got = got[0] if isinstance(got, tuple | list) else got
         err = None if ref is None else rel_error(got, ref)
         max_err = None if ref is None else max_rel_error(got, ref)
-        rep.emit(**base, impl=impl, config=config, ms=t["seconds"] * 1e3, tflops=flops / t["seconds"] / 1e12,
+        rep.emit(**base, impl=impl, config=config, ms=t["seconds"] * 1e3, batch_ms=t["batch_seconds"] * 1e3,
+                 tflops=flops / t["seconds"] / 1e12,
                  rel_err=err, max_err=max_err, compile_s=t["compile_s"])
     except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
         rep.emit(**base, impl=impl, config=config, error=repr(exc)[:500])
