@@ -104,7 +104,7 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
     # of 132 CTAs would only do on problems too large for the interpreter
     monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
     m, n, k = 512, 256, 1536                      # 12 K blocks: 4 stages of one block, or 2 of two, divide them
-    base = gemm_mgpu.DEFAULT_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
+    base = gemm_mgpu.TWO_BLOCK_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
     cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
     cfg = gemm_mgpu.chained_stages(cfg, k)
     assert gemm_mgpu.chains(cfg, m, n, k) == chain_tiles
@@ -112,30 +112,31 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
 
 
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
-    # two K blocks a step, 2 steps in flight, where K has an even number of blocks; otherwise one block a step
-    # with the deepest pipeline (of 5) that divides the K steps; the same where N's last tile is partial
-    two, one = gemm_mgpu.DEFAULT_CONFIG, gemm_mgpu.ONE_BLOCK_CONFIG
-    for n, k, config, stages in ((7168, 16384, two, 2), (32768, 512, two, 2), (7168, 384, one, 3),
-                                 (7168, 1152, one, 3), (2112, 7168, two, 2)):
+    # three math warpgroups, one K block a step, the deepest pipeline (of 4) that divides the K steps; the same
+    # where N's last tile is partial
+    for n, k, stages in ((7168, 16384, 4), (32768, 512, 4), (7168, 384, 3), (7168, 1152, 3), (2112, 7168, 4)):
         cfg = gemm_mgpu.config_for(4096, n, k)
-        assert cfg == dataclasses.replace(config, max_concurrent_steps=stages)
-        assert gemm_mgpu.chains(cfg, 4096, n, k)
+        assert cfg == dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, max_concurrent_steps=stages)
+        assert cfg.cta_m == 192 and gemm_mgpu.chains(cfg, 4096, n, k)
     unchained = dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, chain_tiles=False)
     assert gemm_mgpu.chained_stages(unchained, 16384) == unchained
     assert not gemm_mgpu.chains(unchained, 4096, 7168, 16384)
-    paired = dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m")
+    paired = dataclasses.replace(gemm_mgpu.TWO_BLOCK_CONFIG, cluster_dim="m")
     assert gemm_mgpu.chains(paired, 4096, 7168, 16384) and not gemm_mgpu.chains(paired, 256, 128, 512)  # 1 tile
     with pytest.raises(ValueError, match="cluster_dim"):
         gemm_mgpu.MgpuGemmConfig(cluster_dim="k")
-    assert not gemm_mgpu.fits(128, 256, 256, dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, cluster_dim="m"))
+    with pytest.raises(ValueError, match="two math warpgroups"):
+        grouped_gemm_mgpu.MgpuGroupedConfig(math_wgs=3)
+    assert not gemm_mgpu.fits(128, 256, 256, paired)
 
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("m, n, config", [
-    (200, 192, gemm_mgpu.DEFAULT_CONFIG),     # the last tiles along M and N partial (72 rows, 64 columns of 128)
+    (200, 192, gemm_mgpu.TWO_BLOCK_CONFIG),   # the last tiles along M and N partial (72 rows, 64 columns of 128)
     (128, 320, dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, cluster_dim="m")),  # a CTA pair's second row empty
     (128, 192, gemm_mgpu.NARROW_CONFIG),      # 64-wide tiles: whole ones
+    (400, 256, gemm_mgpu.DEFAULT_CONFIG),     # three math warpgroups (CTA 192 x 128): the last tile's 16 rows
 ])
 def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
     # TMA reads zeros past the operands' last rows and drops the stores past the output's: the edge tiles are
@@ -150,7 +151,8 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
 def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():
     # partial tiles are fine; sizes Mosaic GPU's TMA copies do not take (M % 8, N % 64: the operands' and the
     # swizzled output's tiling) or a partial 128-wide K block are not
-    assert gemm_mgpu.supports(104, 192, 256) and gemm_mgpu.config_for(104, 192, 256) == gemm_mgpu.DEFAULT_CONFIG
+    assert gemm_mgpu.supports(104, 192, 256)
+    assert gemm_mgpu.config_for(104, 192, 256) == dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, max_concurrent_steps=2)
     assert not gemm_mgpu.supports(100, 128, 256) and not gemm_mgpu.supports(128, 96, 256)
     assert not gemm_mgpu.supports(128, 128, 200)
     assert not gemm_mgpu.fits(104, 192, 256, gemm_mgpu.DEFAULT_CONFIG)         # whole tiles (the grouped kernel)

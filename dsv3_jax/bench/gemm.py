@@ -46,6 +46,7 @@ CONFIGS_SMALL_M = (
 # (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
 CONFIGS_MGPU = (
     gemm_mgpu.DEFAULT_CONFIG,
+    gemm_mgpu.TWO_BLOCK_CONFIG,
     gemm_mgpu.ONE_BLOCK_CONFIG,
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5, chain_tiles=False),
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=2, k_blocks=2, cluster_dim="m"),
@@ -184,10 +185,11 @@ def _cfg_name(cfg: GemmConfig) -> str:
 def _mgpu_name(cfg: MgpuGemmConfig, m: int, n: int, k: int) -> str:
     chained = "/chain" if gemm_mgpu.chains(cfg, m, n, k) else ""
     cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
-    # the snake's minor dimension and the epilogue's width, where they are not the dataclass defaults
+    # the math warpgroups, the snake's minor dimension and the epilogue's width, where not the dataclass defaults
     minor = "" if cfg.grid_minor_dim == MgpuGemmConfig.grid_minor_dim else f"/minor{cfg.grid_minor_dim}"
     epilogue = "" if cfg.epi_tile_n == MgpuGemmConfig.epi_tile_n else f"/epi{cfg.epi_tile_n}"
-    return (f"wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
+    wgs = "" if cfg.math_wgs == MgpuGemmConfig.math_wgs else f"{cfg.math_wgs}x"
+    return (f"{wgs}wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
             f"/k{cfg.k_blocks}{chained}{cluster}{minor}{epilogue}")
 
 

@@ -8,12 +8,12 @@ there): a [M, K], b [N, K] float8_e4m3fn, both K-major; a_scale [M, Kb]; b_scale
 Structure (DeepGEMM's, in `jax.experimental.pallas.mosaic_gpu`): a persistent grid of one CTA per SM walks
 output tiles in a planar snake; in each CTA a memory warpgroup streams 128-wide K blocks of a, b and
 their scales into shared memory with TMA (`emit_pipeline_warp_specialized`, `max_concurrent_steps`
-buffers), and two math warpgroups each own half of the tile. Per K block a math warpgroup issues FP8
-WGMMAs into a fresh FP32 accumulator, waits for them, and adds the result times a_scale (x) b_scale
-into its running FP32 sum (DeepSeek's promotion every N_C = 128). The wait stalls only that warpgroup:
-the other one's WGMMAs keep the tensor cores busy meanwhile. Needs K divisible by 128, M by 8 and N by 64
-(`supports`; other shapes go to the Triton kernel); the last tiles along M and N may be partial: TMA reads
-zeros past the operands' rows and drops the stores past the output's.
+buffers), and `math_wgs` math warpgroups (three by default, two in the grouped kernels) each own a 64 x 128
+slice of the tile. Per K block a math warpgroup issues FP8 WGMMAs into a fresh FP32 accumulator, waits for
+them, and adds the result times a_scale (x) b_scale into its running FP32 sum (DeepSeek's promotion every
+N_C = 128). The wait stalls only that warpgroup: the others' WGMMAs keep the tensor cores busy meanwhile.
+Needs K divisible by 128, M by 8 and N by 64 (`supports`; other shapes go to the Triton kernel); the last tiles
+along M and N may be partial: TMA reads zeros past the operands' rows and drops the stores past the output's.
 
 With `k_blocks` > 1 a pipeline step carries several K blocks: their WGMMAs are all in flight before the
 first block's promotion, which then overlaps the later blocks' WGMMAs. When b's scale block covers a whole
@@ -32,9 +32,16 @@ a step, 2 in flight, chained) 826-1153 against cuBLAS BF16's 670-796, ahead at a
 Chaining alone (run 9, one block a step): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing
 b are ahead at some shapes and behind at others, within the rounds' spread, so they are not the default.
 
-Where the rest of the time goes (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
+Three math warpgroups (run 14, H100, medians of 3 rounds at M=4096): 940-1157 TFLOP/s against two's 859-1112
+and cuBLAS BF16's 725-841, ahead of both at all six shapes; (7168, 16384): 1157 (two: 1112, BF16: 725). A CTA
+tile of 192 x 128 moves 17% fewer operand bytes per FLOP than 128 x 128, and while one warpgroup waits for
+its WGMMAs and promotes, two others keep theirs queued. Each gets 152 registers, room for one K block a step.
+
+Where the time went with two (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
 elapsed time, L2 at 59%, issue slots at 37%, no spills; both math warpgroups wait on the same stage and promote
-at the same time, and each fresh FP32 tile costs 64 register moves (Mosaic GPU's wgmma always accumulates). Tried
+at the same time. In the SASS (run 14) ptxas already starts each fresh tile with a zero-accumulator QGMMA and
+promotes with one FFMA per element; the math warps' sampled stalls are the WGMMA waits and the wait for the
+next stage's data. Tried
 and slower there: 128 x 128 or 64 x 256 warpgroup tiles promoted in 64 x 128 pieces (25% less operand traffic,
 but they spill past the 232 registers a math warpgroup gets: 12-27% slower), and the promotion pipelined across
 K steps with `BlockSpec.delay_release=1` (15-33% slower at all six shapes; commit 0fbc8f8).
@@ -65,9 +72,9 @@ EDGE_M, EDGE_N = 8, 64  # M, N multiples that TMA copies of partial edge tiles t
 
 @dataclasses.dataclass(frozen=True)
 class WarpgroupTiles:
-    """Per-warpgroup tile (tile_m x tile_n); the CTA holds two, stacked along `wg_dim` ("m" or "n"), and keeps
-    `max_concurrent_steps` pipeline steps of `k_blocks` 128-wide K blocks each in flight; CTAs walk output
-    tiles in planar-snake bands of `grid_tile_width`."""
+    """Per-warpgroup tile (tile_m x tile_n); the CTA holds `math_wgs` of them (one per math warpgroup), stacked
+    along `wg_dim` ("m" or "n"), and keeps `max_concurrent_steps` pipeline steps of `k_blocks` 128-wide K blocks
+    each in flight; CTAs walk output tiles in planar-snake bands of `grid_tile_width`."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -75,14 +82,15 @@ class WarpgroupTiles:
     max_concurrent_steps: int = 5
     grid_tile_width: int = 8
     k_blocks: int = 1
+    math_wgs: int = 2
 
     @property
     def cta_m(self) -> int:
-        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+        return self.tile_m * (self.math_wgs if self.wg_dim == "m" else 1)
 
     @property
     def cta_n(self) -> int:
-        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+        return self.tile_n * (self.math_wgs if self.wg_dim == "n" else 1)
 
     cluster_m = cluster_n = 1       # CTAs per cluster along M / N (the dense kernel's `cluster_dim` pairs them)
 
@@ -116,12 +124,15 @@ class MgpuGemmConfig(WarpgroupTiles):
         return 2 if self.cluster_dim == "n" else 1
 
 
-# Measured on H200 (bench/RESULTS.md run 10, M = 4096, medians of side-by-side rounds): 64x128 per warpgroup
-# (CTA 128x128), two 128-wide K blocks per step, 2 steps in flight, tiles chained: 826-1153 TFLOP/s, ahead of
-# cuBLAS BF16 (670-796) at all six DeepGEMM shapes; wider per-warpgroup tiles (128x128) need a second
-# 128-register FP32 tile for the promotion and spill. One block per step (at most 5 in flight, as many as divide
-# the K steps) where K has an odd number of blocks.
-DEFAULT_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
+# Measured on H100 (bench/RESULTS.md run 14, M = 4096, medians of 3 side-by-side rounds): three math warpgroups
+# of 64x128 (CTA 192x128: 17% less operand traffic per FLOP than 128x128, and while one warpgroup promotes, two
+# others keep WGMMAs queued), one K block a step, 4 in flight, snake bands of 16: 940-1157 TFLOP/s, ahead of the
+# previous default (two warpgroups, `TWO_BLOCK_CONFIG`: 859-1112) and of cuBLAS BF16 (725-841) at all six
+# DeepGEMM shapes. Three warpgroups get 152 registers each (64 + 64 of FP32 tiles): two K blocks a step would
+# need 64 more and spill.
+DEFAULT_CONFIG = MgpuGemmConfig(math_wgs=3, max_concurrent_steps=4, grid_tile_width=16)
+# run 10's default on H200 (826-1153 TFLOP/s): two math warpgroups, two K blocks a step, 2 in flight
+TWO_BLOCK_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
 ONE_BLOCK_CONFIG = MgpuGemmConfig()
 # 64x64 tiles (whole tiles where N % 128 == 64): run 10, (2112, 7168): 623 TFLOP/s against the default's 805
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)
@@ -149,9 +160,10 @@ def pipeline_bytes(config: WarpgroupTiles) -> int:
 
 
 def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
-    """Shared memory of the kernel's buffers: the K pipeline's, plus the double-buffered epilogue tiles of both
-    warpgroups (barriers not counted)."""
-    epilogue = 2 * 2 * min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
+    """Shared memory of the kernel's buffers: the K pipeline's, plus the double-buffered epilogue tiles of every
+    math warpgroup (barriers not counted)."""
+    epi_tile = min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
+    epilogue = config.math_wgs * 2 * epi_tile
     return pipeline_bytes(config) + epilogue
 
 
@@ -195,8 +207,9 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
     fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel)."""
-    config = next((c for c in (DEFAULT_CONFIG, ONE_BLOCK_CONFIG) if fits(m, n, k, c, edge_tiles=True)), None)
-    return None if config is None else chained_stages(fit_smem(config, out_dtype), k)
+    if not fits(m, n, k, DEFAULT_CONFIG, edge_tiles=True):
+        return None
+    return chained_stages(fit_smem(DEFAULT_CONFIG, out_dtype), k)
 
 
 def supports(m: int, n: int, k: int) -> bool:
@@ -222,7 +235,7 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
                                collective_axes=("cluster",) if operand == shared else ())
 
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=cfg.math_wgs,
         max_concurrent_steps=stages, compute_context=compute_context, pipeline_state=state,
         in_specs=[*(block(cfg.cta_m, j, "a") for j in range(u)), *(block(cfg.cta_n, j, "b") for j in range(u)),
                   plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0)),
@@ -311,7 +324,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*k_operands(cfg, a_gmem, b_gmem, as_gmem, bs_gmem)),
-        out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        out_smem=plgpu.SMEM((cfg.math_wgs, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
         collective_axes="wg",
     )
     def _scope(allocs, out_smem):
@@ -376,19 +389,21 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
     kernel = warp_specialized_kernel(
         functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
-        jax.ShapeDtypeStruct((m, n), out_dtype), interpret, cluster=cfg.cluster_m * cfg.cluster_n)
+        jax.ShapeDtypeStruct((m, n), out_dtype), interpret, cluster=cfg.cluster_m * cfg.cluster_n,
+        math_wgs=cfg.math_wgs)
     return kernel(a, b, a_s, b_s)
 
 
 def warp_specialized_kernel(body: Callable[..., None], out_type: jax.ShapeDtypeStruct, interpret: bool,
-                            cluster: int = 1) -> Callable[..., jax.Array]:
+                            cluster: int = 1, math_wgs: int = 2) -> Callable[..., jax.Array]:
     """`plgpu.kernel` of this package's GEMMs: a persistent grid of one CTA per SM ("sm"; CTA pairs along
-    "cluster" when cluster=2), three warpgroups ("wg": two math, one memory), warpgroup lowering semantics;
-    interpret=True runs Pallas' Mosaic GPU interpreter."""
+    "cluster" when cluster=2), `math_wgs` math warpgroups and one memory warpgroup ("wg", the last), warpgroup
+    lowering semantics; interpret=True runs Pallas' Mosaic GPU interpreter."""
     kwargs: dict[str, Any] = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
-        body, out_type=out_type, grid=(NUM_SMS // cluster,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        body, out_type=out_type, grid=(NUM_SMS // cluster,), grid_names=("sm",), num_threads=math_wgs + 1,
+        thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kwargs)

@@ -60,7 +60,11 @@ from dsv3_jax.kernels.gemm_mgpu import (
 
 @dataclasses.dataclass(frozen=True)
 class MgpuGroupedConfig(WarpgroupTiles):
-    """The grouped kernels' tiles (`gemm_mgpu.WarpgroupTiles`; tile_m a power of two)."""
+    """The grouped kernels' tiles (`gemm_mgpu.WarpgroupTiles`; tile_m a power of two, two math warpgroups)."""
+
+    def __post_init__(self):
+        if self.math_wgs != 2:
+            raise ValueError(f"the grouped kernels run two math warpgroups; got math_wgs={self.math_wgs}")
 
 
 # Measured on H200 (bench/RESULTS.md run 6, 8 x 4096 tokens): two 128-wide K blocks per pipeline step (both
