@@ -87,10 +87,14 @@ def check_mosaic_gpu_gemm(m: int, n: int, k: int, cfg: gemm_mgpu.MgpuGemmConfig,
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("b_block", [128, 1])  # 128: one b scale per warpgroup tile (FMA promotion); 1: per column
-@pytest.mark.parametrize("n, k_blocks", [(128, 1), (192, 1), (128, 2)])  # 192: a partial tile; 2: two K blocks a step
-def test_mosaic_gpu_blockwise_fp8_gemm(b_block, n, k_blocks):
-    m, k = 128, 384 * k_blocks                   # one CTA row of tiles, K blocks with their own scales
-    check_mosaic_gpu_gemm(m, n, k, dataclasses.replace(gemm_mgpu.config_for(m, n, k), k_blocks=k_blocks), b_block)
+@pytest.mark.parametrize("m, n, k_blocks", [(128, 128, 1), (128, 192, 1), (128, 128, 2), (384, 128, 1)])
+def test_mosaic_gpu_blockwise_fp8_gemm(b_block, m, n, k_blocks):
+    # K blocks with their own scales; N = 192: a partial tile; M = 128: the two-warpgroup default (one or two
+    # K blocks a step), M = 384: two CTA rows of three warpgroups
+    k = 384 * k_blocks
+    cfg = gemm_mgpu.config_for(m, n, k, jnp.float32)
+    assert cfg.k_blocks == k_blocks and cfg.math_wgs == (2 if m <= gemm_mgpu.SMALL_M else 3)
+    check_mosaic_gpu_gemm(m, n, k, cfg, b_block)
 
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
@@ -118,6 +122,9 @@ def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
         cfg = gemm_mgpu.config_for(4096, n, k)
         assert cfg == dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, max_concurrent_steps=stages)
         assert cfg.cta_m == 192 and gemm_mgpu.chains(cfg, 4096, n, k)
+    # up to 128 rows: two warpgroups, two K blocks a step (2 in flight) where K has an even number of blocks
+    for k, config, stages in ((16384, gemm_mgpu.TWO_BLOCK_CONFIG, 2), (384, gemm_mgpu.ONE_BLOCK_CONFIG, 3)):
+        assert gemm_mgpu.config_for(128, 7168, k) == dataclasses.replace(config, max_concurrent_steps=stages)
     unchained = dataclasses.replace(gemm_mgpu.ONE_BLOCK_CONFIG, chain_tiles=False)
     assert gemm_mgpu.chained_stages(unchained, 16384) == unchained
     assert not gemm_mgpu.chains(unchained, 4096, 7168, 16384)
@@ -151,8 +158,7 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
 def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():
     # partial tiles are fine; sizes Mosaic GPU's TMA copies do not take (M % 8, N % 64: the operands' and the
     # swizzled output's tiling) or a partial 128-wide K block are not
-    assert gemm_mgpu.supports(104, 192, 256)
-    assert gemm_mgpu.config_for(104, 192, 256) == dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, max_concurrent_steps=2)
+    assert gemm_mgpu.supports(104, 192, 256) and gemm_mgpu.config_for(104, 192, 256) == gemm_mgpu.TWO_BLOCK_CONFIG
     assert not gemm_mgpu.supports(100, 128, 256) and not gemm_mgpu.supports(128, 96, 256)
     assert not gemm_mgpu.supports(128, 128, 200)
     assert not gemm_mgpu.fits(104, 192, 256, gemm_mgpu.DEFAULT_CONFIG)         # whole tiles (the grouped kernel)

@@ -131,8 +131,11 @@ class MgpuGemmConfig(WarpgroupTiles):
 # DeepGEMM shapes. Three warpgroups get 152 registers each (64 + 64 of FP32 tiles): two K blocks a step would
 # need 64 more and spill.
 DEFAULT_CONFIG = MgpuGemmConfig(math_wgs=3, max_concurrent_steps=4, grid_tile_width=16)
-# run 10's default on H200 (826-1153 TFLOP/s): two math warpgroups, two K blocks a step, 2 in flight
+# run 10's default on H200 (826-1153 TFLOP/s): two math warpgroups, two K blocks a step, 2 in flight; still the
+# default up to SMALL_M rows, where one CTA row of tiles is all there is (run 14, H100, M = 128: 113 / 299 TFLOP/s
+# at (2112, 7168) / (24576, 1536) against three warpgroups' 93 / 264)
 TWO_BLOCK_CONFIG = MgpuGemmConfig(max_concurrent_steps=2, k_blocks=2)
+SMALL_M = 128
 ONE_BLOCK_CONFIG = MgpuGemmConfig()
 # 64x64 tiles (whole tiles where N % 128 == 64): run 10, (2112, 7168): 623 TFLOP/s against the default's 805
 NARROW_CONFIG = MgpuGemmConfig(tile_n=64, max_concurrent_steps=6)
@@ -206,10 +209,11 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
 
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
-    fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel)."""
-    if not fits(m, n, k, DEFAULT_CONFIG, edge_tiles=True):
-        return None
-    return chained_stages(fit_smem(DEFAULT_CONFIG, out_dtype), k)
+    fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel): three math
+    warpgroups, or up to SMALL_M rows two (two K blocks a step where K has an even number of blocks)."""
+    candidates = (TWO_BLOCK_CONFIG, ONE_BLOCK_CONFIG) if m <= SMALL_M else (DEFAULT_CONFIG,)
+    config = next((c for c in candidates if fits(m, n, k, c, edge_tiles=True)), None)
+    return None if config is None else chained_stages(fit_smem(config, out_dtype), k)
 
 
 def supports(m: int, n: int, k: int) -> bool:
