@@ -5,15 +5,15 @@
 The same function as `dsv3_jax.kernels.gemm.scaled_matmul` (operands, scales and layout are described
 there): a [M, K], b [N, K] float8_e4m3fn, both K-major; a_scale [M, Kb]; b_scale [ceil(N / b_block), Kb].
 
-Structure (DeepGEMM's, in `jax.experimental.pallas.mosaic_gpu`): a persistent grid of one CTA per SM walks
-output tiles in a planar snake; in each CTA a memory warpgroup streams 128-wide K blocks of a, b and
-their scales into shared memory with TMA (`emit_pipeline_warp_specialized`, `max_concurrent_steps`
-buffers), and `math_wgs` math warpgroups (three by default, two in the grouped kernels) each own a 64 x 128
-slice of the tile. Per K block a math warpgroup issues FP8 WGMMAs into a fresh FP32 accumulator, waits for
-them, and adds the result times a_scale (x) b_scale into its running FP32 sum (DeepSeek's promotion every
-N_C = 128). The wait stalls only that warpgroup: the others' WGMMAs keep the tensor cores busy meanwhile.
-Needs K divisible by 128, M by 8 and N by 64 (`supports`; other shapes go to the Triton kernel); the last tiles
-along M and N may be partial: TMA reads zeros past the operands' rows and drops the stores past the output's.
+Structure (DeepGEMM's, in `jax.experimental.pallas.mosaic_gpu`): a persistent grid of one CTA per SM walks output
+tiles in a planar snake; in each CTA a memory warpgroup streams 128-wide K blocks of a, b and their scales into
+shared memory with TMA (`emit_pipeline_warp_specialized`, `max_concurrent_steps` buffers), and `math_wgs` math
+warpgroups (by default three; two up to 128 rows and in the grouped kernels) each own a 64 x 128 slice of the tile.
+Per K block a math warpgroup issues FP8 WGMMAs into a fresh FP32 accumulator, waits for them, and adds the result
+times a_scale (x) b_scale into its running FP32 sum (DeepSeek's promotion every N_C = 128). The wait stalls only
+that warpgroup: the others' WGMMAs keep the tensor cores busy meanwhile. Needs K divisible by 128, M by 8 and N by
+64 (`supports`; other shapes go to the Triton kernel); the last tiles along M and N may be partial: TMA reads zeros
+past the operands' rows and drops the stores past the output's.
 
 With `k_blocks` > 1 a pipeline step carries several K blocks: their WGMMAs are all in flight before the
 first block's promotion, which then overlaps the later blocks' WGMMAs. When b's scale block covers a whole
@@ -128,8 +128,8 @@ class MgpuGemmConfig(WarpgroupTiles):
 # of 64x128 (CTA 192x128: 17% less operand traffic per FLOP than 128x128, and while one warpgroup promotes, two
 # others keep WGMMAs queued), one K block a step, 4 in flight, snake bands of 16: 940-1157 TFLOP/s, ahead of the
 # previous default (two warpgroups, `TWO_BLOCK_CONFIG`: 859-1112) and of cuBLAS BF16 (725-841) at all six
-# DeepGEMM shapes. Three warpgroups get 152 registers each (64 + 64 of FP32 tiles): two K blocks a step would
-# need 64 more and spill.
+# DeepGEMM shapes. Three warpgroups get 152 registers each, of which 64 + 64 hold FP32 tiles: two K blocks a step
+# would need 64 more (not tried).
 DEFAULT_CONFIG = MgpuGemmConfig(math_wgs=3, max_concurrent_steps=4, grid_tile_width=16)
 # run 10's default on H200 (826-1153 TFLOP/s): two math warpgroups, two K blocks a step, 2 in flight; still the
 # default up to SMALL_M rows, where one CTA row of tiles is all there is (run 14, H100, M = 128: 113 / 299 TFLOP/s
@@ -227,7 +227,8 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
     """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
     `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
     [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
-    flight, a memory warpgroup feeding two math warpgroups. `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
+    flight, a memory warpgroup feeding `cfg.math_wgs` math warpgroups.
+    `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
     shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
     `plgpu.PipelinePipeline` value chaining consecutive calls (START on a CTA's first tile, STOP, which drains
     the pipeline, on its last, STEADY between), None: each call fills and drains its own."""
