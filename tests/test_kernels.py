@@ -8,6 +8,7 @@ edges included.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,24 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
         pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
     k = 512
     check_mosaic_gpu_gemm(m, n, k, gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, jnp.float32), k))
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("m", [128, 4096])
+def test_mosaic_gpu_gemm_default_configs_lower_for_hopper(m, out_dtype):
+    # lowering for CUDA runs on the CPU and includes Mosaic GPU's shared-memory check, which a configuration
+    # that overflows fails (as three warpgroups of two K blocks with an FP32 output did, on the GPU, in run 14)
+    for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)):
+        cfg = gemm_mgpu.config_for(m, n, k, out_dtype)
+        operands = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+            ((m, k), fp8.FP8_DTYPE), ((m, k // 128), jnp.float32), ((n, k), fp8.FP8_DTYPE),
+            ((-(-n // 128), k // 128), jnp.float32))]
+        matmul = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, out_dtype=out_dtype, config=cfg)
+        assert "mosaic_gpu" in jax.jit(matmul).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    if out_dtype == jnp.float32:
+        too_big = dataclasses.replace(cfg, math_wgs=3, k_blocks=2, max_concurrent_steps=2)
+        with pytest.raises(ValueError, match="shared memory"):
+            jax.jit(functools.partial(matmul, config=too_big)).trace(*operands).lower(lowering_platforms=("cuda",))
 
 
 def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():
