@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import dsv3_jax
+from dsv3_jax.bench import gemm as bench_gemm
 from dsv3_jax.kernels import gemm, gemm_mgpu, grouped_gemm, grouped_gemm_mgpu
 from dsv3_jax.kernels.gemm import GemmConfig
 from dsv3_jax.ops import fp8
@@ -157,21 +158,23 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config):
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("m", [128, 4096])
+@pytest.mark.parametrize("m", bench_gemm.MS)
 def test_mosaic_gpu_gemm_default_configs_lower_for_hopper(m, out_dtype):
     # lowering for CUDA runs on the CPU and includes Mosaic GPU's shared-memory check, which a configuration
     # that overflows fails (as three warpgroups of two K blocks with an FP32 output did, on the GPU, in run 14)
-    for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)):
-        cfg = gemm_mgpu.config_for(m, n, k, out_dtype)
+    def lower_for_cuda(cfg, n, k):
         operands = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
             ((m, k), fp8.FP8_DTYPE), ((m, k // 128), jnp.float32), ((n, k), fp8.FP8_DTYPE),
             ((-(-n // 128), k // 128), jnp.float32))]
         matmul = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, out_dtype=out_dtype, config=cfg)
-        assert "mosaic_gpu" in jax.jit(matmul).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(matmul).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+
+    for n, k in bench_gemm.SHAPES_NK:            # DeepGEMM's dense shapes
+        cfg = gemm_mgpu.config_for(m, n, k, out_dtype)
+        assert "mosaic_gpu" in lower_for_cuda(cfg, n, k)
     if out_dtype == jnp.float32:
-        too_big = dataclasses.replace(cfg, math_wgs=3, k_blocks=2, max_concurrent_steps=2)
         with pytest.raises(ValueError, match="shared memory"):
-            jax.jit(functools.partial(matmul, config=too_big)).trace(*operands).lower(lowering_platforms=("cuda",))
+            lower_for_cuda(dataclasses.replace(cfg, math_wgs=3, k_blocks=2, max_concurrent_steps=2), n, k)
 
 
 def test_mosaic_gpu_gemm_rejects_unaddressable_shapes():
