@@ -10,7 +10,9 @@ For each (M, N, K), out [M, N] = x [M, K] . w [N, K]^T (w in HF's [out, in] layo
 - `fp8_block_mgpu`: the Pallas Mosaic GPU kernel of `dsv3_jax.kernels.gemm_mgpu`, likewise swept.
 
 Each line carries the median time, TFLOP/s (2MNK / time) and the relative error against a BF16-operand,
-FP32-accumulated product of the same (dequantized) operands, so a fast but wrong variant shows.
+FP32-accumulated product of the same (dequantized) operands, so a fast but wrong variant shows; the Mosaic GPU
+lines also carry `wave_efficiency`, the share of the persistent grid's tile slots that hold output
+(`gemm_mgpu.wave_efficiency`: a partial last wave of tiles idles SMs).
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
         cfg = gemm_mgpu.chained_stages(cfg, k)
         if gemm_mgpu.fits(m, n, k, cfg, edge_tiles=True):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
-            measure(rep, deadline, base, "fp8_block_mgpu", op, block, ref, flops, _mgpu_name(cfg, m, n, k),
-                    **timing)
+            waves = round(gemm_mgpu.wave_efficiency(cfg, m, n), 4)       # the grid's useful share of tile slots
+            measure(rep, deadline, {**base, "wave_efficiency": waves}, "fp8_block_mgpu", op, block, ref, flops,
+                    _mgpu_name(cfg, m, n, k), **timing)
 
 
 def _cfg_name(cfg: GemmConfig) -> str:

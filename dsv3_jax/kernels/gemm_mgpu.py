@@ -156,18 +156,39 @@ def tile_counts(config: WarpgroupTiles, m: int, n: int) -> tuple[int, int]:
     return -(-m // (config.cta_m * config.cluster_m)), -(-n // (config.cta_n * config.cluster_n))
 
 
+def scale_width(rows: int) -> int:
+    """Scales a pipeline stage loads for `rows` rows of an operand: rounded up to 32 FP32 (128 bytes), so that
+    every stage's buffer starts where TMA may write (a 120- or 112-wide tile's 480 or 448 bytes would not)."""
+    return -(-rows // 32) * 32
+
+
 def pipeline_bytes(config: WarpgroupTiles) -> int:
     """Shared memory of `k_pipeline`'s buffers: per step in flight `k_blocks` 128-wide K blocks of a and b
     (FP8) and their FP32 scales."""
-    return config.max_concurrent_steps * config.k_blocks * (config.cta_m + config.cta_n) * (SCALE_BLOCK + 4)
+    operands = (config.cta_m + config.cta_n) * SCALE_BLOCK
+    scales = 4 * (scale_width(config.cta_m) + scale_width(config.cta_n))
+    return config.max_concurrent_steps * config.k_blocks * (operands + scales)
 
 
 def smem_bytes(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> int:
     """Shared memory of the kernel's buffers: the K pipeline's, plus the double-buffered epilogue tiles of every
     math warpgroup (barriers not counted)."""
-    epi_tile = min(64, config.tile_m) * min(config.epi_tile_n, config.tile_n) * jnp.dtype(out_dtype).itemsize
+    epi_tile = min(64, config.tile_m) * epilogue_tile(config, out_dtype)[0] * jnp.dtype(out_dtype).itemsize
     epilogue = config.math_wgs * 2 * epi_tile
     return pipeline_bytes(config) + epilogue
+
+
+def epilogue_tile(config: MgpuGemmConfig, out_dtype: jnp.dtype) -> tuple[int, int | None]:
+    """Columns of one epilogue store and its shared-memory swizzle in bytes: the widest of epi_tile_n,
+    epi_tile_n / 2, ... that divides tile_n and spans at least 32 bytes (the narrowest swizzle); else (e.g.
+    tile_n = 120) the whole tile_n, unswizzled (None)."""
+    itemsize = jnp.dtype(out_dtype).itemsize
+    width = min(config.epi_tile_n, config.tile_n)
+    while width * itemsize >= 32:
+        if config.tile_n % width == 0:
+            return width, plgpu.find_swizzle(width * itemsize * 8)
+        width //= 2
+    return config.tile_n, None
 
 
 def fit_smem(config: WarpgroupTiles, out_dtype: jnp.dtype,
@@ -207,6 +228,15 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
             and (config.cluster_dim is None or tiles >= 2 * clusters))
 
 
+def wave_efficiency(config: WarpgroupTiles, m: int, n: int) -> float:
+    """The share of the persistent grid's tile slots that hold output: M x N over waves x CTAs x CTA tile,
+    waves = ceil(cluster tiles / clusters). A partial last wave leaves SMs idle, and partial edge tiles compute
+    their empty rows and columns too."""
+    clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
+    waves = -(-math.prod(tile_counts(config, m, n)) // clusters)
+    return m * n / (waves * NUM_SMS * config.cta_m * config.cta_n)
+
+
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
     fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel): three math
@@ -226,8 +256,9 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
                state: jax.Array | None = None) -> Any:
     """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
     `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
-    [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, cta_m], [k_blocks, cta_n]; `stages` steps in
-    flight, a memory warpgroup feeding `cfg.math_wgs` math warpgroups.
+    [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, scale_width(cta_m)], [k_blocks,
+    scale_width(cta_n)] (from scale refs at least that wide; the columns past cta_m / cta_n unused); `stages`
+    steps in flight, a memory warpgroup feeding `cfg.math_wgs` math warpgroups.
     `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
     shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
     `plgpu.PipelinePipeline` value chaining consecutive calls (START on a CTA's first tile, STOP, which drains
@@ -243,8 +274,8 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
         body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=cfg.math_wgs,
         max_concurrent_steps=stages, compute_context=compute_context, pipeline_state=state,
         in_specs=[*(block(cfg.cta_m, j, "a") for j in range(u)), *(block(cfg.cta_n, j, "b") for j in range(u)),
-                  plgpu.BlockSpec((u, cfg.cta_m), lambda s: (first_block // u + s, 0)),
-                  plgpu.BlockSpec((u, cfg.cta_n), lambda s: (first_block // u + s, 0))],
+                  plgpu.BlockSpec((u, scale_width(cfg.cta_m)), lambda s: (first_block // u + s, 0)),
+                  plgpu.BlockSpec((u, scale_width(cfg.cta_n)), lambda s: (first_block // u + s, 0))],
     )
 
 
@@ -316,10 +347,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
     steps = k_steps(cfg, k)
     shared = {"m": "b", "n": "a"}.get(cfg.cluster_dim)     # CTAs paired along M share b's blocks, along N a's
     stages, chain = min(cfg.max_concurrent_steps, steps), chains(cfg, m, n, k)
-    epi_n = min(cfg.epi_tile_n, tile_n)
-    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    epi_n, out_swizzle = epilogue_tile(cfg, out_dtype)
+    out_transforms = () if out_swizzle is None else (
+        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)), plgpu.SwizzleTransform(out_swizzle))
     epi_m = min(64, tile_m)
 
     pipeline = functools.partial(k_pipeline, cfg, stages, steps=steps, shared=shared)
@@ -368,8 +398,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
             pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, state=state)(
-                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows],
-                            bs_gmem.at[:, cta_cols]),
+                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols],
+                            as_gmem.at[:, pl.ds(mi * cta_m, scale_width(cta_m))],
+                            bs_gmem.at[:, pl.ds(ni * cta_n, scale_width(cta_n))]),
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
