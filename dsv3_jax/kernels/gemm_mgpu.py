@@ -37,6 +37,11 @@ and cuBLAS BF16's 725-841, ahead of both at all six shapes; (7168, 16384): 1157 
 tile of 192 x 128 moves 17% fewer operand bytes per FLOP than 128 x 128, and while one warpgroup waits for
 its WGMMAs and promotes, two others keep theirs queued. Each gets 152 registers, room for one K block a step.
 
+At M = 4096 the 192-row tiles of three warpgroups leave the persistent grid's last wave partial: (7168, 16384)
+makes 1232 tiles, 9.33 waves on 132 SMs, so 90.5% of the tile slots hold output (`wave_efficiency`); 120-wide
+tiles would make 10 whole waves (96.5%) at the price of one b scale per column (run 15: they lower and address
+shared memory right since `scale_width`; not yet run compiled or timed).
+
 Where the time went with two (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
 elapsed time, L2 at 59%, issue slots at 37%, no spills; both math warpgroups wait on the same stage and promote
 at the same time. In the SASS (run 14) ptxas already starts each fresh tile with a zero-accumulator QGMMA and
