@@ -167,6 +167,12 @@ def scale_width(rows: int) -> int:
     return -(-rows // 32) * 32
 
 
+def scale_slice(rows: pl.Slice) -> pl.Slice:
+    """The columns of a K-block-major scale ref [Kb, rows] that `k_pipeline` reads for an operand tile's
+    `rows`: from its first row on, `scale_width(rows.size)` wide."""
+    return pl.ds(rows.start, scale_width(rows.size))
+
+
 def pipeline_bytes(config: WarpgroupTiles) -> int:
     """Shared memory of `k_pipeline`'s buffers: per step in flight `k_blocks` 128-wide K blocks of a and b
     (FP8) and their FP32 scales."""
@@ -262,8 +268,8 @@ def k_pipeline(cfg: WarpgroupTiles, stages: int, body: Callable[..., Any], compu
     """The warp-specialized K pipeline over `steps` steps of `cfg.k_blocks` 128-wide K blocks from block
     `first_block` on (a multiple of k_blocks): per step and K block j a [cta_m, 128] block a_j of a and b_j of b
     [cta_n, 128] (FP8, K-major), then their FP32 scales [k_blocks, scale_width(cta_m)], [k_blocks,
-    scale_width(cta_n)] (from scale refs at least that wide; the columns past cta_m / cta_n unused); `stages`
-    steps in flight, a memory warpgroup feeding `cfg.math_wgs` math warpgroups.
+    scale_width(cta_n)] (callers pass the scale refs sliced by `scale_slice`; the columns past cta_m / cta_n
+    unused); `stages` steps in flight, a memory warpgroup feeding `cfg.math_wgs` math warpgroups.
     `body(idx, a_0.., b_0.., a_scale, b_scale, carry)`.
     shared: "a" or "b", that operand's blocks are multicast to the CTAs of the "cluster" axis; state: a
     `plgpu.PipelinePipeline` value chaining consecutive calls (START on a CTA's first tile, STOP, which drains
@@ -403,9 +409,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, 
                             out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
 
             pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, state=state)(
-                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols],
-                            as_gmem.at[:, pl.ds(mi * cta_m, scale_width(cta_m))],
-                            bs_gmem.at[:, pl.ds(ni * cta_n, scale_width(cta_n))]),
+                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, scale_slice(cta_rows)],
+                            bs_gmem.at[:, scale_slice(cta_cols)]),
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

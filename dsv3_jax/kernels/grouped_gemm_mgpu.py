@@ -52,6 +52,7 @@ from dsv3_jax.kernels.gemm_mgpu import (
     k_pipeline,
     promote,
     promote_step,
+    scale_slice,
     warp_specialized_kernel,
     warpgroup_slices,
     wgmma_zeros,
@@ -157,8 +158,8 @@ def _kernel(group_gmem, lo_gmem, hi_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_
                                                   out_gmem.at[pl.ds(first + offset, size), cols]))
 
             pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, steps)(
-                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[g].at[cta_cols], as_gmem.at[:, cta_rows],
-                            bs_gmem.at[g].at[:, cta_cols]),
+                *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[g].at[cta_cols], as_gmem.at[:, scale_slice(cta_rows)],
+                            bs_gmem.at[g].at[:, scale_slice(cta_cols)]),
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -247,7 +248,8 @@ def _wgrad_kernel(start_gmem, end_gmem, a_gmem, b_gmem, as_gmem, bs_gmem, out_gm
                 plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[g, rows, cols])
 
             pipeline(body, compute_context, steps, first_block)(
-                a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, cta_rows], bs_gmem.at[:, cta_cols],
+                a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, scale_slice(cta_rows)],
+                bs_gmem.at[:, scale_slice(cta_cols)],
                 allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
