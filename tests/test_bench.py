@@ -156,6 +156,12 @@ def test_accuracy_records_of_several_calls_merge_into_one_seed_mean(tmp_path):
     other_lr = write("c.jsonl", record(2, "bf16", 2.0, peak_lr=1e-3))
     with pytest.raises(ValueError, match="c.jsonl:1: an accuracy record of another setting"):
         train.merge_accuracy_records([first, other_lr])
+    # records made before the bias update speed was a setting hold the speed they ran with, 1e-3
+    explicit = write("g.jsonl", record(3, "bf16", 2.0, bias_update_speed=1e-3), record(3, "fp8", 2.0))
+    assert sorted(train.merge_accuracy_records([first, explicit])[0]) == [0, 3]
+    fixed_bias = write("h.jsonl", record(4, "bf16", 2.0, bias_update_speed=0.0))
+    with pytest.raises(ValueError, match="h.jsonl:1: an accuracy record of another setting"):
+        train.merge_accuracy_records([first, fixed_bias])
     rerun_differs = write("d.jsonl", record(0, "fp8", 2.03))
     with pytest.raises(ValueError, match="seed 0 \\(fp8\\) recorded before with other losses"):
         train.merge_accuracy_records([first, rerun_differs])

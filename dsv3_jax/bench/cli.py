@@ -63,7 +63,11 @@ flags.DEFINE_integer("accuracy_seeds", 1, "train: repeat the accuracy comparison
 flags.DEFINE_integer("accuracy_first_seed", 0, "train: the first of the --accuracy_seeds seeds (to split seeds over "
                      "several calls).", flag_values=FLAGS, lower_bound=0)
 flags.DEFINE_integer("accuracy_parallel", 1, "train: accuracy runs trained at a time, sharing the GPU (each gets "
-                     "0.9 / P of its memory).", flag_values=FLAGS, lower_bound=1)
+                     "0.9 / P of its memory; `small` at batch 64 needs about 10.4 GB a run: P <= 6 on an 80 GB H100).",
+                     flag_values=FLAGS, lower_bound=1)
+flags.DEFINE_float("accuracy_bias_update_speed", 1e-3, "train: the accuracy runs' aux-loss-free bias update speed "
+                   "(gamma; 0: fixed biases, routing without the sign-driven bias walk).", flag_values=FLAGS,
+                   lower_bound=0)
 flags.DEFINE_string("records", None, "accuracy: comma-separated JSONL files of earlier `train --accuracy_steps "
                     "--out` calls.", flag_values=FLAGS)
 flags.DEFINE_float("budget_s", None, "Skip (and report) measurements that would start after this many seconds.",
@@ -166,7 +170,8 @@ def main(argv: list[str]) -> int:
         train.run(FLAGS.out, FLAGS.config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.peer, FLAGS.only,
                   FLAGS.accuracy_steps, FLAGS.accuracy_config, FLAGS.plot, FLAGS.budget_s or 3000.0,
                   FLAGS.accuracy_control, FLAGS.accuracy_batch, FLAGS.accuracy_lr, FLAGS.accuracy_attention,
-                  FLAGS.accuracy_seeds, FLAGS.accuracy_first_seed, FLAGS.accuracy_parallel)
+                  FLAGS.accuracy_seeds, FLAGS.accuracy_first_seed, FLAGS.accuracy_parallel,
+                  FLAGS.accuracy_bias_update_speed)
     return 0
 
 

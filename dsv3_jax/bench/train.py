@@ -35,7 +35,9 @@ run 5: two BF16 runs identical over 300 steps) is
 then the seed-mean curves compared and the per-seed signed final differences (their spread is the error bar
 of one seed's comparison); `--accuracy_first_seed S` starts at seed S (seeds split over several calls);
 `--accuracy_parallel P` trains P runs at a time on the one GPU (short kernels: side by side, and more so under a
-CUDA MPS daemon, they finish more seeds an hour; bench/RESULTS.md run 13).
+CUDA MPS daemon, they finish more seeds an hour; bench/RESULTS.md run 13);
+`--accuracy_bias_update_speed G` sets the aux-loss-free balancing's bias step (default the recipe's 1e-3; 0 keeps
+the routing biases at zero, so that no sign(load error) flip steers the two runs' routing apart).
 (--accuracy_batch: sequences of 256 bytes, default 16; --accuracy_lr: peak LR, default 1e-3, the schedule's
 other rates scale with it; --accuracy_attention: "flash" = cuDNN, default, which the flag above makes fail
 in jax 0.11.2; "reference" = XLA's einsum path).
@@ -61,7 +63,9 @@ from dsv3_jax.bench.timing import Reporter
 
 PROCESS_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}   # one process per measurement may use the whole GPU
 SMOOTH = 20                                                 # moving-average window of the accuracy comparison
-SETTING_KEYS = ("config", "steps", "batch", "peak_lr", "attention")   # what makes accuracy records comparable
+# what makes accuracy records comparable, and the value a record made before a key existed ran with
+SETTING_KEYS = ("config", "steps", "batch", "peak_lr", "attention", "bias_update_speed")
+SETTING_DEFAULTS = {"bias_update_speed": 1e-3}
 HELDOUT_BATCHES = 4                                         # batches of other windows scoring the trained weights
 
 
@@ -197,7 +201,8 @@ def accuracy_curve(spec: dict[str, Any]) -> dict[str, Any]:
                          total_tokens=total, warmup_steps=20, peak_lr=lr, min_lr=0.1 * lr, final_lr=0.03 * lr,
                          lr_decay_start_tokens=int(0.6 * total), lr_decay_tokens=int(0.35 * total),
                          min_lr_tokens=int(0.03 * total), mtp_weight_switch_tokens=int(0.6 * total),
-                         bias_update_speed=1e-3, bias_update_stop_tokens=int(0.95 * total))
+                         bias_update_speed=spec.get("bias_update_speed", SETTING_DEFAULTS["bias_update_speed"]),
+                         bias_update_stop_tokens=int(0.95 * total))
     data = stdlib_windows(steps * b, t + 1, seed=spec.get("seed", 0)).reshape(steps, b, t + 1)
     optimizer = make_optimizer(recipe)
     state = init_state(init_params(cfg, jax.random.key(spec.get("seed", 0))), optimizer)
@@ -340,7 +345,8 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
         peer: bool = True, only: str = "all", accuracy_steps: int = 0, accuracy_config: str = "small",
         plot: str | None = None, budget_s: float = 3000.0, accuracy_control: bool = False, accuracy_batch: int = 16,
         accuracy_lr: float = 1e-3, accuracy_attention: str = "flash", accuracy_seeds: int = 1,
-        accuracy_first_seed: int = 0, accuracy_parallel: int = 1) -> Reporter:
+        accuracy_first_seed: int = 0, accuracy_parallel: int = 1,
+        accuracy_bias_update_speed: float = SETTING_DEFAULTS["bias_update_speed"]) -> Reporter:
     """Run the peer, the accuracy runs (accuracy_parallel at a time, sharing the GPU) and each throughput
     measurement (alone) in child processes, within budget_s."""
     rep = Reporter("train", out, with_device=False)
@@ -350,8 +356,8 @@ def run(out: str | None = None, config: str = "proxy-1gpu", batch: int = 2, seq:
     if peer:
         peer_jobs.append(("hf_torch", [sys.executable, "-m", "dsv3_jax.bench.hf_peer", "--config", config,
                                        "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)], {}))
-    setting = dict(zip(SETTING_KEYS, (accuracy_config, accuracy_steps, accuracy_batch, accuracy_lr, accuracy_attention),
-                       strict=True))
+    setting = dict(zip(SETTING_KEYS, (accuracy_config, accuracy_steps, accuracy_batch, accuracy_lr, accuracy_attention,
+                                      accuracy_bias_update_speed), strict=True))
     # the accuracy runs of one precision compile the same program for every seed: they share a compilation
     # cache (not the throughput runs, whose compile time is a figure); run side by side, each gets its share of
     # the GPU's memory (their losses do not depend on it: bench/RESULTS.md run 13)
@@ -427,7 +433,8 @@ def _accuracy_summaries(rep: Reporter, runs: dict[int, dict[str, dict[str, Any]]
     if plot:
         seeds = f"mean of {len(complete)} seeds" if len(complete) > 1 else "same seed and data"
         title = (f"{setting['config']}: BF16 vs FP8, {seeds}\n{setting['steps']} steps of {setting['batch']} x 256 "
-                 f"tokens, peak LR {setting['peak_lr']:g}, {setting['attention']} attention")
+                 f"tokens, peak LR {setting['peak_lr']:g}, bias update speed {setting['bias_update_speed']:g}, "
+                 f"{setting['attention']} attention")
         try:
             plot_curves(plotted, plot, title, band=band)
         except ImportError as err:
@@ -447,7 +454,7 @@ def merge_accuracy_records(paths: Sequence[str]) -> tuple[dict[int, dict[str, di
         for n, record in json_lines(path):
             if not isinstance(record, dict) or record.get("mode") != "accuracy" or "losses" not in record:
                 continue
-            this = {k: record.get(k) for k in SETTING_KEYS}
+            this = {k: record.get(k, SETTING_DEFAULTS.get(k)) for k in SETTING_KEYS}
             setting = setting or this
             if this != setting:
                 raise ValueError(f"{path}:{n}: an accuracy record of another setting ({this}, not {setting})")
