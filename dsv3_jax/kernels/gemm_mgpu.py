@@ -38,9 +38,12 @@ tile of 192 x 128 moves 17% fewer operand bytes per FLOP than 128 x 128, and whi
 its WGMMAs and promotes, two others keep theirs queued. Each gets 152 registers, room for one K block a step.
 
 At M = 4096 the 192-row tiles of three warpgroups leave the persistent grid's last wave partial: (7168, 16384)
-makes 1232 tiles, 9.33 waves on 132 SMs, so 90.5% of the tile slots hold output (`wave_efficiency`); 120-wide
-tiles would make 10 whole waves (96.5%) at the price of one b scale per column (run 15: they lower and address
-shared memory right since `scale_width`; not yet run compiled or timed).
+makes 1232 tiles, 9.33 waves on 132 SMs, so 90.5% of the tile slots hold output (`wave_efficiency`). 120-wide
+tiles make 10 whole waves (96.5%), but a tile that straddles b's 128-wide scale blocks promotes with one b
+scale per column, two FP32 instructions per element instead of one FFMA: measured 18-33% slower than 128 wide
+at all six shapes (run 16, H100, medians of 7 rounds; (7168, 16384): 918 against 1123), so tiles stay 128
+wide. Any tiling of whole 192 x 128 tiles needs 10 waves there (the work is 9.05); only splitting the last
+wave's tiles along K (stream-K, not built) would fill it.
 
 Where the time went with two (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
 elapsed time, L2 at 59%, issue slots at 37%, no spills; both math warpgroups wait on the same stage and promote
