@@ -104,16 +104,18 @@ def test_mosaic_gpu_blockwise_fp8_gemm(b_block, m, n, k_blocks):
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
-@pytest.mark.parametrize("chain_tiles, cluster_dim, k_blocks", [
-    (True, None, 1), (False, None, 1), (True, None, 2), (True, "m", 1), (True, "n", 1)])
-def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, cluster_dim, k_blocks):
+@pytest.mark.parametrize("chain_tiles, cluster_dim, k_blocks, math_wgs", [
+    (True, None, 1, 2), (False, None, 1, 2), (True, None, 2, 2), (True, "m", 1, 2), (True, "n", 1, 2),
+    (True, "m", 1, 3), (True, "n", 1, 3)])   # three warpgroups (CTA 192 x 128): a pair's second CTA row partial
+def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, cluster_dim, k_blocks, math_wgs):
     if INTERPRET and cluster_dim:
         pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
     # two CTAs (one cluster of two) for 4 x 2 tiles: each CTA chains several tiles' K pipelines, which a grid
     # of 132 CTAs would only do on problems too large for the interpreter
     monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
     m, n, k = 512, 256, 1536                      # 12 K blocks: 4 stages of one block, or 2 of two, divide them
-    base = gemm_mgpu.TWO_BLOCK_CONFIG if k_blocks == 2 else gemm_mgpu.ONE_BLOCK_CONFIG
+    base = {(1, 2): gemm_mgpu.ONE_BLOCK_CONFIG, (2, 2): gemm_mgpu.TWO_BLOCK_CONFIG,
+            (1, 3): gemm_mgpu.DEFAULT_CONFIG}[k_blocks, math_wgs]
     cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
     cfg = gemm_mgpu.chained_stages(cfg, k)
     assert gemm_mgpu.chains(cfg, m, n, k) == chain_tiles
