@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import mgpu_interpret_compat  # tests/, on the path pytest runs them from
 import numpy as np
 import pytest
 
@@ -69,8 +70,16 @@ def test_blockwise_fp8_gemm(m, n, k, b_block, cfg):
     assert bf16.dtype == jnp.bfloat16 and rel(bf16, ref) < 5e-3
 
 
-# jax 0.10's Mosaic GPU interpreter cannot read a transposed WGMMA operand (jax 0.11's can)
-MGPU_INTERPRETABLE = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11)
+# jax 0.10's Mosaic GPU interpreter cannot read a transposed WGMMA operand (jax 0.11's can): patched in
+MGPU_INTERPRETABLE = mgpu_interpret_compat.install()
+
+
+@pytest.fixture
+def interpreted_grid(monkeypatch):
+    """Interpreted, a persistent grid of 2 CTAs instead of one per H100 SM: the interpreter simulates every
+    CTA's warpgroups, idle or not (132 CTAs took 110 s for one 128 x 128 tile, 2 take 2 s)."""
+    if INTERPRET:
+        monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
 
 
 def check_mosaic_gpu_gemm(m: int, n: int, k: int, cfg: gemm_mgpu.MgpuGemmConfig, b_block: int = 128,
@@ -93,6 +102,7 @@ def check_mosaic_gpu_gemm(m: int, n: int, k: int, cfg: gemm_mgpu.MgpuGemmConfig,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("b_block", [128, 1])  # 128: one b scale per warpgroup tile (FMA promotion); 1: per column
 @pytest.mark.parametrize("m, n, k_blocks", [(128, 128, 1), (128, 192, 1), (128, 128, 2), (384, 128, 1)])
+@pytest.mark.usefixtures("interpreted_grid")
 def test_mosaic_gpu_blockwise_fp8_gemm(b_block, m, n, k_blocks):
     # K blocks with their own scales; N = 192: a partial tile; M = 128: the two-warpgroup default (one or two
     # K blocks a step), M = 384: two CTA rows of three warpgroups
@@ -263,6 +273,7 @@ def test_grouped_gemm_fp8():
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
 @pytest.mark.parametrize("sizes, k_blocks", [([0, 100, 0, 140, 1, 59], 1), ([200, 0, 128, 5], 1),
                                              ([200, 0, 128, 5], 2)])   # straddled tiles, empty groups
+@pytest.mark.usefixtures("interpreted_grid")
 def test_mosaic_gpu_grouped_fp8_gemm(sizes, k_blocks):
     m, k, n = 384, 384 * k_blocks, 256    # three 128-row tiles, 3 K steps; sum(sizes) < m: zero tail rows
     config = grouped_gemm_mgpu.config_for(m, n, k)
@@ -278,7 +289,9 @@ def test_mosaic_gpu_grouped_fp8_gemm(sizes, k_blocks):
     assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3
 
 
-@pytest.mark.skipif(INTERPRET, reason="the Mosaic GPU interpreter lacks WGMMA with A in registers")
+@pytest.mark.skipif(INTERPRET and not mgpu_interpret_compat.READS_A_FROM_REGISTERS,
+                    reason="the Mosaic GPU interpreter of this jax lacks WGMMA with A in registers")
+@pytest.mark.usefixtures("interpreted_grid")
 @pytest.mark.parametrize("sizes", [[0, 100, 1, 0, 140, 59, 84], [0, 30, 300, 0, 1, 53]])
 def test_mosaic_gpu_grouped_fp8_wgrad(sizes):
     """Group boundaries inside 128-token blocks (masked in registers); the 300-token group spans 4 blocks."""
@@ -286,7 +299,7 @@ def test_mosaic_gpu_grouped_fp8_wgrad(sizes):
     sizes = jnp.asarray(sizes, jnp.int32)
     (at, at_s), (bt, bt_s) = fp8.quantize(normal(0, (ka, m))), fp8.quantize(normal(1, (nb, m)))
     out = grouped_gemm.transposed_grouped_matmul(at, bt, sizes, at_s, bt_s, tokens_last=True,
-                                                 config=grouped_gemm_mgpu.WGRAD_CONFIG)
+                                                 config=grouped_gemm_mgpu.WGRAD_CONFIG, interpret=INTERPRET)
     ref = fp8.scaled_grouped_wgrad(at, at_s, bt, bt_s, sizes, backend="xla")
     assert np.all(np.asarray(out)[np.asarray(sizes) == 0] == 0)
     assert float(jnp.abs(out - ref).max()) < 2e-3 * float(jnp.abs(ref).max()) and rel(out, ref) < 1e-3

@@ -447,11 +447,13 @@ def warp_specialized_kernel(body: Callable[..., None], out_type: jax.ShapeDtypeS
                             cluster: int = 1, math_wgs: int = 2) -> Callable[..., jax.Array]:
     """`plgpu.kernel` of this package's GEMMs: a persistent grid of one CTA per SM ("sm"; CTA pairs along
     "cluster" when cluster=2), `math_wgs` math warpgroups and one memory warpgroup ("wg", the last), warpgroup
-    lowering semantics; interpret=True runs Pallas' Mosaic GPU interpreter."""
+    lowering semantics; interpret=True runs Pallas' Mosaic GPU interpreter, whose TMA reads past an operand's
+    edge return NaN where the hardware's return zeros (its default raises, from a simulated thread whose peers
+    then wait at a barrier for ever): an edge tile's stored elements may not depend on them."""
     kwargs: dict[str, Any] = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams()
+        kwargs["interpret"] = InterpretGPUParams(out_of_bounds_reads="uninitialized")
     return plgpu.kernel(
         body, out_type=out_type, grid=(NUM_SMS // cluster,), grid_names=("sm",), num_threads=math_wgs + 1,
         thread_name="wg",
