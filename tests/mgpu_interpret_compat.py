@@ -46,13 +46,17 @@ def install() -> bool:
             perms.insert(0, transforms.pop().permutation)
         return jax.tree.map(int, tuple(transforms)), perms
 
+    def simulated(device_id, thread_id, grid_point_coords, source_info) -> tuple[Any, int, Any]:
+        """The interpreter's shared memory, the calling thread's global id and its logging info."""
+        memory = gpu_callbacks._get_shared_memory()
+        log = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
+                                   thread_id=int(thread_id), source_info=source_info)
+        return memory, memory.get_global_thread_id(int(device_id), int(thread_id)), log
+
     def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
               acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
               source_info=None, a_in_registers=False):
-        memory = gpu_callbacks._get_shared_memory()
-        thread = memory.get_global_thread_id(int(device_id), int(thread_id))
-        log = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
-                                   thread_id=int(thread_id), source_info=source_info)
+        memory, thread, log = simulated(device_id, thread_id, grid_point_coords, source_info)
 
         def read(key_array, transforms):
             index, perms = indexed(transforms)
@@ -95,10 +99,7 @@ def install() -> bool:
         """0.10's TMA store, writing the part of the destination range inside the buffer."""
         if predicate is not None or reduction_op is not None:
             raise NotImplementedError("predicated or reducing TMA stores")
-        memory = gpu_callbacks._get_shared_memory()
-        thread = memory.get_global_thread_id(int(device_id), int(thread_id))
-        log = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=jax.tree.map(int, grid_point_coords),
-                                   thread_id=int(thread_id), source_info=source_info)
+        memory, thread, log = simulated(device_id, thread_id, grid_point_coords, source_info)
         src_key = gpu_callbacks.HostAllocationKey.from_array(src_allocation_key_as_array)
         dst_key = gpu_callbacks.HostAllocationKey.from_array(dst_allocation_key_as_array)
         value, _, _ = memory.get_buffer_content(src_key, utils.to_range(indexed(src_transforms)[0]), thread,
