@@ -109,6 +109,8 @@ def test_mosaic_gpu_blockwise_fp8_gemm(b_block, m, n, k_blocks):
     k = 384 * k_blocks
     cfg = gemm_mgpu.config_for(m, n, k, jnp.float32)
     assert cfg.k_blocks == k_blocks and cfg.math_wgs == (2 if m <= gemm_mgpu.SMALL_M else 3)
+    if INTERPRET:    # the 2-CTA grid makes M = 384's two tiles one paired wave: the interpreter has no clusters
+        cfg = dataclasses.replace(cfg, cluster_dim=None)
     check_mosaic_gpu_gemm(m, n, k, cfg, b_block)
 
 
@@ -133,12 +135,16 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
 
 
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
-    # three math warpgroups, one K block a step, the deepest pipeline (of 4) that divides the K steps; the same
-    # where N's last tile is partial
+    # three math warpgroups in CTA pairs along N, one K block a step, the deepest pipeline (of 4) that divides
+    # the K steps; the same where N's last tile is partial (2112 = 8 pairs of 128-wide tiles and 64 columns)
     for n, k, stages in ((7168, 16384, 4), (32768, 512, 4), (7168, 384, 3), (7168, 1152, 3), (2112, 7168, 4)):
         cfg = gemm_mgpu.config_for(4096, n, k)
-        assert cfg == dataclasses.replace(gemm_mgpu.DEFAULT_CONFIG, max_concurrent_steps=stages)
-        assert cfg.cta_m == 192 and gemm_mgpu.chains(cfg, 4096, n, k)
+        assert cfg == dataclasses.replace(gemm_mgpu.PAIRED_CONFIG, max_concurrent_steps=stages)
+        assert cfg.cta_m == 192 and cfg.cluster_n == 2 and gemm_mgpu.chains(cfg, 4096, n, k)
+    # too few tiles for every one of the 66 pairs to walk two (2 x 28 = 56 paired tiles): unpaired, chained
+    cfg = gemm_mgpu.config_for(384, 7168, 16384)
+    assert cfg == gemm_mgpu.DEFAULT_CONFIG and gemm_mgpu.chains(cfg, 384, 7168, 16384)
+    assert not gemm_mgpu.chains(dataclasses.replace(cfg, cluster_dim="n"), 384, 7168, 16384)
     # up to 128 rows: two warpgroups, two K blocks a step (2 in flight) where K has an even number of blocks
     for k, config, stages in ((16384, gemm_mgpu.TWO_BLOCK_CONFIG, 2), (384, gemm_mgpu.ONE_BLOCK_CONFIG, 3)):
         assert gemm_mgpu.config_for(128, 7168, k) == dataclasses.replace(config, max_concurrent_steps=stages)

@@ -17,6 +17,7 @@ lines also carry `wave_efficiency`, the share of the persistent grid's tile slot
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -47,6 +48,8 @@ CONFIGS_SMALL_M = (
 # chained tiles (`chain_tiles`, the depth cut to divide the K steps), CTA pairs sharing an operand (`cluster_dim`)
 # (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
 CONFIGS_MGPU = (
+    gemm_mgpu.PAIRED_CONFIG,
+    dataclasses.replace(gemm_mgpu.PAIRED_CONFIG, grid_tile_width=8),     # run 17: +2.4% at (7168, 16384)
     gemm_mgpu.DEFAULT_CONFIG,
     gemm_mgpu.TWO_BLOCK_CONFIG,
     gemm_mgpu.ONE_BLOCK_CONFIG,

@@ -29,8 +29,7 @@ Measured (bench/RESULTS.md) on H100: 597-843 TFLOP/s at M=4096 (2.2-2.7x the Tri
 promotion serializes). On H200, run 10, M=4096, medians of 4-5 side-by-side rounds: the default (two K blocks
 a step, 2 in flight, chained) 826-1153 against cuBLAS BF16's 670-796, ahead at all six DeepGEMM shapes,
 (2112, 7168) included (902 vs 785, its last 128-wide tile partial; the 64x64 tiles it took before: 623).
-Chaining alone (run 9, one block a step): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870. CTA pairs sharing
-b are ahead at some shapes and behind at others, within the rounds' spread, so they are not the default.
+Chaining alone (run 9, one block a step): (7168, 2048) 721 -> 948, (32768, 512) 651 -> 870.
 
 Three math warpgroups (run 14, H100, medians of 3 rounds at M=4096): 940-1157 TFLOP/s against two's 859-1112
 and cuBLAS BF16's 725-841, ahead of both at all six shapes; (7168, 16384): 1157 (two: 1112, BF16: 725). A CTA
@@ -44,6 +43,15 @@ scale per column, two FP32 instructions per element instead of one FFMA: measure
 at all six shapes (run 16, H100, medians of 7 rounds; (7168, 16384): 918 against 1123), so tiles stay 128
 wide. Any tiling of whole 192 x 128 tiles needs 10 waves there (the work is 9.05); only splitting the last
 wave's tiles along K (stream-K, not built) would fill it.
+
+CTA pairs along N (`PAIRED_CONFIG`, the default at M > SMALL_M where the pairs chain): the two CTAs of a
+cluster compute adjacent column tiles and each loads half of a's K block, multicast to both, so a CTA reads 30%
+fewer operand bytes from L2. Run 17 (H100, M = 4096, 12 rounds of the three side by side): against unpaired
+three warpgroups +5.4% +- 0.9% at (7168, 16384) (median 1200 TFLOP/s against 1147), +10% at (24576, 1536),
++2-4% (within the spread) at three more shapes, -2.3% +- 1.3% at (4096, 7168); pairs along M (multicast of
+b) +4.0% at (7168, 16384), -3.9% at (4096, 7168). In 25 more rounds at (7168, 16384) alone, snake bands of 8
+paired tiles instead of 16 added 2.4% (median 1206 against 1176; unpaired 1131): not yet measured at the
+other shapes, so not the default.
 
 Where the time went with two (run 12, Nsight Compute at (7168, 16384)): the tensor cores are busy 67% of the
 elapsed time, L2 at 59%, issue slots at 37%, no spills; both math warpgroups wait on the same stage and promote
@@ -139,6 +147,11 @@ class MgpuGemmConfig(WarpgroupTiles):
 # DeepGEMM shapes. Three warpgroups get 152 registers each, of which 64 + 64 hold FP32 tiles: two K blocks a step
 # would need 64 more (not tried).
 DEFAULT_CONFIG = MgpuGemmConfig(math_wgs=3, max_concurrent_steps=4, grid_tile_width=16)
+# The same tiles in CTA pairs along N that share a's K blocks by TMA multicast (each CTA loads half of a's 192
+# rows: 30% fewer operand bytes from L2 a CTA). Run 17 (H100, M = 4096, 12 paired rounds): ahead of
+# DEFAULT_CONFIG by 2-10% at five of DeepGEMM's six shapes ((7168, 16384): +5.4% +- 0.9%, (24576, 1536): +10%),
+# -2.3% +- 1.3% at (4096, 7168). `config_for` takes it wherever the pairs still chain their tiles.
+PAIRED_CONFIG = dataclasses.replace(DEFAULT_CONFIG, cluster_dim="n")
 # run 10's default on H200 (826-1153 TFLOP/s): two math warpgroups, two K blocks a step, 2 in flight; still the
 # default up to SMALL_M rows, where one CTA row of tiles is all there is (run 14, H100, M = 128: 113 / 299 TFLOP/s
 # at (2112, 7168) / (24576, 1536) against three warpgroups' 93 / 264)
@@ -254,10 +267,15 @@ def wave_efficiency(config: WarpgroupTiles, m: int, n: int) -> float:
 def config_for(m: int, n: int, k: int, out_dtype: jnp.dtype = jnp.bfloat16) -> MgpuGemmConfig | None:
     """The default configuration that tiles [M, K] x [N, K]^T with an `out_dtype` output (its stages cut to
     fit shared memory and to divide the K steps), or None (the caller then uses the Triton kernel): three math
-    warpgroups, or up to SMALL_M rows two (two K blocks a step where K has an even number of blocks)."""
-    candidates = (TWO_BLOCK_CONFIG, ONE_BLOCK_CONFIG) if m <= SMALL_M else (DEFAULT_CONFIG,)
-    config = next((c for c in candidates if fits(m, n, k, c, edge_tiles=True)), None)
-    return None if config is None else chained_stages(fit_smem(config, out_dtype), k)
+    warpgroups in CTA pairs along N where the pairs chain their tiles (every cluster walks two or more), else
+    unpaired; up to SMALL_M rows two warpgroups (two K blocks a step where K has an even number of blocks)."""
+    candidates = (TWO_BLOCK_CONFIG, ONE_BLOCK_CONFIG) if m <= SMALL_M else (PAIRED_CONFIG, DEFAULT_CONFIG)
+    for candidate in candidates:
+        if fits(m, n, k, candidate, edge_tiles=True):
+            config = chained_stages(fit_smem(candidate, out_dtype), k)
+            if config.cluster_dim is None or chains(config, m, n, k):
+                return config
+    return None
 
 
 def supports(m: int, n: int, k: int) -> bool:
