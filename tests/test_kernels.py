@@ -116,10 +116,13 @@ def test_mosaic_gpu_blockwise_fp8_gemm(b_block, m, n, k_blocks):
 
 @pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
                     reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
-@pytest.mark.parametrize("chain_tiles, cluster_dim, k_blocks, math_wgs", [
-    (True, None, 1, 2), (False, None, 1, 2), (True, None, 2, 2), (True, "m", 1, 2), (True, "n", 1, 2),
-    (True, "m", 1, 3), (True, "n", 1, 3)])   # three warpgroups (CTA 192 x 128): a pair's second CTA row partial
-def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, cluster_dim, k_blocks, math_wgs):
+@pytest.mark.parametrize("chain_tiles, cluster_dim, k_blocks, math_wgs, b_block", [
+    (True, None, 1, 2, 128), (False, None, 1, 2, 128), (True, None, 2, 2, 128), (True, "m", 1, 2, 128),
+    (True, "n", 1, 2, 128),
+    (True, "m", 1, 3, 128), (True, "n", 1, 3, 128),  # three warpgroups (CTA 192 x 128): a pair's 2nd row partial
+    (True, None, 1, 3, 1), (True, "n", 1, 3, 1)])    # a scale per row of b (the wgrad GEMM), the paired default
+def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, cluster_dim, k_blocks, math_wgs,
+                                                     b_block):
     if INTERPRET and cluster_dim:
         pytest.skip("the Mosaic GPU interpreter has no cluster barriers")
     # two CTAs (one cluster of two) for 4 x 2 tiles: each CTA chains several tiles' K pipelines, which a grid
@@ -131,7 +134,7 @@ def test_mosaic_gpu_gemm_walks_several_tiles_per_cta(monkeypatch, chain_tiles, c
     cfg = dataclasses.replace(gemm_mgpu.fit_smem(base, jnp.float32), chain_tiles=chain_tiles, cluster_dim=cluster_dim)
     cfg = gemm_mgpu.chained_stages(cfg, k)
     assert gemm_mgpu.chains(cfg, m, n, k) == chain_tiles
-    check_mosaic_gpu_gemm(m, n, k, cfg)
+    check_mosaic_gpu_gemm(m, n, k, cfg, b_block)
 
 
 def test_mosaic_gpu_gemm_default_config_chains_its_tiles():
