@@ -187,6 +187,38 @@ def test_mosaic_gpu_gemm_partial_edge_tiles(monkeypatch, m, n, config, out_dtype
                           out_dtype=out_dtype)
 
 
+@pytest.mark.skipif(INTERPRET and not MGPU_INTERPRETABLE,
+                    reason="Mosaic GPU interpret mode of this jax lacks transposed WGMMA operands")
+@pytest.mark.parametrize("m, n, k, config, out_dtype, split", [
+    # 3 x 3 tiles on 2 CTAs: 4 whole waves (chained), then the corner tile (16 of 192 rows, 64 of 128 columns)
+    # cut into K pieces of 3 and 2 steps
+    (400, 320, 640, gemm_mgpu.DEFAULT_CONFIG, jnp.float32, gemm_mgpu.TailSplit(8, 1, 2, 3)),
+    (400, 320, 640, gemm_mgpu.DEFAULT_CONFIG, jnp.bfloat16, gemm_mgpu.TailSplit(8, 1, 2, 3)),
+    # one tile, no whole wave: only the split pieces run
+    (128, 128, 384, gemm_mgpu.DEFAULT_CONFIG, jnp.bfloat16, gemm_mgpu.TailSplit(0, 1, 2, 2)),
+    # two K blocks a step, an unchained whole-wave loop (5 steps, 2 stages), a tail tile of 72 x 64
+    (328, 320, 1280, gemm_mgpu.TWO_BLOCK_CONFIG, jnp.float32, gemm_mgpu.TailSplit(8, 1, 2, 3)),
+])
+def test_mosaic_gpu_gemm_splits_the_last_waves_tiles_along_k(monkeypatch, m, n, k, config, out_dtype, split):
+    # the partial last wave's tiles are computed in K pieces on the CTAs it would leave idle, their FP32 partial
+    # sums added and stored outside the kernel: every element written once (interpret mode starts from NaN)
+    monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
+    cfg = gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, out_dtype), k)
+    assert gemm_mgpu.tail_split(cfg, m, n, k) == split
+    tiles = gemm_mgpu.tile_counts(cfg, m, n)
+    assert gemm_mgpu.tail_split(dataclasses.replace(cfg, split_tail=False), m, n, k).full == tiles[0] * tiles[1]
+    check_mosaic_gpu_gemm(m, n, k, cfg, out_dtype=out_dtype)
+
+
+@pytest.mark.skipif(INTERPRET, reason="132 CTAs in CTA pairs: compiled only")
+@pytest.mark.parametrize("n, k", [(7168, 2048), (4096, 7168)])
+def test_mosaic_gpu_gemm_default_splits_the_last_wave_on_the_gpu(n, k):
+    # DeepGEMM's shapes at M = 4096 leave 22 of 66 CTA pairs busy in the last wave: 3 K pieces a tile
+    cfg = gemm_mgpu.config_for(4096, n, k)
+    assert cfg.cluster_dim == "n" and gemm_mgpu.tail_split(cfg, 4096, n, k).pieces == 3
+    check_mosaic_gpu_gemm(4096, n, k, cfg, out_dtype=jnp.bfloat16)
+
+
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("m", bench_gemm.MS)
 def test_mosaic_gpu_gemm_default_configs_lower_for_hopper(m, out_dtype):
@@ -241,9 +273,16 @@ def test_mosaic_gpu_gemm_tile_widths_not_dividing_128():
     assert gemm_mgpu.epilogue_tile(narrow(120), jnp.float32) == (8, 32)
     # the persistent grid's waves: 192 x 128 tiles of [4096, 7168] are 22 x 56 = 1232 on 132 SMs, 9.33 waves
     # run as 10 (and the last tile row is a third full); 192 x 120 tiles are 22 x 60 = 1320, 10 whole waves
-    assert gemm_mgpu.wave_efficiency(narrow(128), 4096, 7168) == pytest.approx(4096 * 7168 / (10 * 132 * 192 * 128))
-    assert gemm_mgpu.wave_efficiency(narrow(120), 4096, 7168) == pytest.approx(4096 * 7168 / (1320 * 192 * 120))
-    assert gemm_mgpu.wave_efficiency(narrow(128), 192 * 22, 128 * 60) == 1.0
+    whole = lambda w: dataclasses.replace(narrow(w), split_tail=False)
+    assert gemm_mgpu.wave_efficiency(whole(128), 4096, 7168, 16384) == pytest.approx(
+        4096 * 7168 / (10 * 132 * 192 * 128))
+    assert gemm_mgpu.wave_efficiency(whole(120), 4096, 7168, 16384) == pytest.approx(
+        4096 * 7168 / (1320 * 192 * 120))
+    assert gemm_mgpu.wave_efficiency(whole(128), 192 * 22, 128 * 60, 16384) == 1.0
+    # split, the last wave's 44 tiles run as 3 K pieces of at most 43 of the 128 K blocks: 9 + 43 / 128 waves
+    assert gemm_mgpu.tail_split(narrow(128), 4096, 7168, 16384) == gemm_mgpu.TailSplit(1188, 44, 3, 43)
+    assert gemm_mgpu.wave_efficiency(narrow(128), 4096, 7168, 16384) == pytest.approx(
+        4096 * 7168 / ((9 + 43 / 128) * 132 * 192 * 128))
 
 
 def test_blockwise_fp8_gemm_checks_operands():

@@ -49,9 +49,11 @@ CONFIGS_SMALL_M = (
 # (run 2 also had 64x128/n/s4 and 128x128/n/s3: slower everywhere at M=4096; /m/s6 overflows shared memory)
 CONFIGS_MGPU = (
     gemm_mgpu.PAIRED_CONFIG,
+    dataclasses.replace(gemm_mgpu.PAIRED_CONFIG, split_tail=False),      # the last wave's tiles whole (run 17)
     dataclasses.replace(gemm_mgpu.PAIRED_CONFIG, grid_tile_width=8),     # run 17: +2.4% at (7168, 16384)
     gemm_mgpu.DEFAULT_CONFIG,
     gemm_mgpu.TWO_BLOCK_CONFIG,
+    dataclasses.replace(gemm_mgpu.TWO_BLOCK_CONFIG, split_tail=False),
     gemm_mgpu.ONE_BLOCK_CONFIG,
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=5, chain_tiles=False),
     MgpuGemmConfig(64, 128, "m", max_concurrent_steps=2, k_blocks=2, cluster_dim="m"),
@@ -179,7 +181,7 @@ def _bench_shape(rep: Reporter, deadline: Deadline, m: int, n: int, k: int, repe
         cfg = gemm_mgpu.chained_stages(cfg, k)
         if gemm_mgpu.fits(m, n, k, cfg, edge_tiles=True):
             op = functools.partial(gemm_mgpu.scaled_matmul, b_block=128, config=cfg)
-            waves = round(gemm_mgpu.wave_efficiency(cfg, m, n), 4)       # the grid's useful share of tile slots
+            waves = round(gemm_mgpu.wave_efficiency(cfg, m, n, k), 4)       # the grid's useful share of tile slots
             measure(rep, deadline, {**base, "wave_efficiency": waves}, "fp8_block_mgpu", op, block, ref, flops,
                     _mgpu_name(cfg, m, n, k), **timing)
 
@@ -190,13 +192,15 @@ def _cfg_name(cfg: GemmConfig) -> str:
 
 def _mgpu_name(cfg: MgpuGemmConfig, m: int, n: int, k: int) -> str:
     chained = "/chain" if gemm_mgpu.chains(cfg, m, n, k) else ""
+    split = gemm_mgpu.tail_split(cfg, m, n, k)
+    tail = f"/split{split.pieces}" if split.tiles else ""          # the last wave's tiles cut into K pieces
     cluster = f"/cluster{cfg.cluster_dim}" if cfg.cluster_dim else ""
     # the math warpgroups, the snake's minor dimension and the epilogue's width, where not the dataclass defaults
     minor = "" if cfg.grid_minor_dim == MgpuGemmConfig.grid_minor_dim else f"/minor{cfg.grid_minor_dim}"
     epilogue = "" if cfg.epi_tile_n == MgpuGemmConfig.epi_tile_n else f"/epi{cfg.epi_tile_n}"
     wgs = "" if cfg.math_wgs == MgpuGemmConfig.math_wgs else f"{cfg.math_wgs}x"
     return (f"{wgs}wg{cfg.tile_m}x{cfg.tile_n}/{cfg.wg_dim}/s{cfg.max_concurrent_steps}/t{cfg.grid_tile_width}"
-            f"/k{cfg.k_blocks}{chained}{cluster}{minor}{epilogue}")
+            f"/k{cfg.k_blocks}{chained}{cluster}{minor}{epilogue}{tail}")
 
 
 def _summary(rep: Reporter) -> None:

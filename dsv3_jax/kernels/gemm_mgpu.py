@@ -41,8 +41,13 @@ makes 1232 tiles, 9.33 waves on 132 SMs, so 90.5% of the tile slots hold output 
 tiles make 10 whole waves (96.5%), but a tile that straddles b's 128-wide scale blocks promotes with one b
 scale per column, two FP32 instructions per element instead of one FFMA: measured 18-33% slower than 128 wide
 at all six shapes (run 16, H100, medians of 7 rounds; (7168, 16384): 918 against 1123), so tiles stay 128
-wide. Any tiling of whole 192 x 128 tiles needs 10 waves there (the work is 9.05); only splitting the last
-wave's tiles along K (stream-K, not built) would fill it.
+wide. Any tiling of whole 192 x 128 tiles needs 10 waves there (the work is 9.05). So the last wave is split
+along K (`split_tail`, `tail_split`; stream-K for the last wave only): the whole waves run as before, chained,
+then each of the R tiles a partial last wave holds is cut into clusters // R K pieces, one per otherwise idle
+cluster (at (7168, 16384): 44 tiles x 3 pieces of 43, 43 and 42 K blocks on the 132 SMs), whose FP32 partial
+sums the kernel writes to a second output and `add_tail_partials` adds up and scatters into the tiles (one
+XLA fusion; the bytes it reads are at most 132 FP32 CTA tiles, 13 MB). The modelled last wave drops from one
+tile time to 43 / 128 of one: 9.34 instead of 10 waves.
 
 CTA pairs along N (`PAIRED_CONFIG`, the default at M > SMALL_M where the pairs chain): the two CTAs of a
 cluster compute adjacent column tiles and each loads half of a's K block, multicast to both, so a CTA reads 30%
@@ -73,6 +78,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -120,12 +126,14 @@ class MgpuGemmConfig(WarpgroupTiles):
     warpgroups finish and store this one; needs the K steps a multiple of the stages (`config_for` picks such
     a depth). cluster_dim: "m" pairs CTAs of adjacent row tiles that share b's K blocks by TMA multicast
     (each loads half), "n" pairs column tiles that share a's; None: one CTA per cluster.
+    split_tail: the tiles of a partial last wave are split along K over the otherwise idle CTAs (`tail_split`).
     """
 
     grid_minor_dim: str = "n"
     epi_tile_n: int = 64
     chain_tiles: bool = True
     cluster_dim: str | None = None
+    split_tail: bool = True
 
     def __post_init__(self):
         if self.cluster_dim not in (None, "m", "n"):
@@ -244,23 +252,54 @@ def chained_stages(config: MgpuGemmConfig, k: int) -> MgpuGemmConfig:
     return dataclasses.replace(config, max_concurrent_steps=depth)
 
 
-def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
-    """Whether the kernel chains its tiles' K pipelines for [M, K] x [N, K]^T under `config`: its stages divide
-    the K steps, and with CTA pairs every cluster walks at least two tiles (a chained pipeline drains, waiting
-    for every consumption, only on a CTA's last tile: with one tile there is no last call to drain in, and a
-    CTA of a cluster must not exit before its peer's arrivals)."""
-    steps, clusters = k_steps(config, k), NUM_SMS // (config.cluster_m * config.cluster_n)
-    tiles = math.prod(tile_counts(config, m, n))
-    return (config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
-            and (config.cluster_dim is None or tiles >= 2 * clusters))
+@dataclasses.dataclass(frozen=True)
+class TailSplit:
+    """How the persistent grid walks the cluster tiles of [M, N] (`tail_split`): the first `full` in whole
+    waves, then the last `tiles` (the partial last wave) each cut along K into `pieces` pieces of `piece_steps`
+    K steps (the last piece the rest), one piece per cluster; `add_tail_partials` adds up their FP32 partial
+    sums. tiles = 0: no split, `full` is every tile."""
+
+    full: int
+    tiles: int = 0
+    pieces: int = 1
+    piece_steps: int = 0
 
 
-def wave_efficiency(config: WarpgroupTiles, m: int, n: int) -> float:
-    """The share of the persistent grid's tile slots that hold output: M x N over waves x CTAs x CTA tile,
-    waves = ceil(cluster tiles / clusters). A partial last wave leaves SMs idle, and partial edge tiles compute
-    their empty rows and columns too."""
+def tail_split(config: MgpuGemmConfig, m: int, n: int, k: int) -> TailSplit:
+    """Stream-K for the last wave only: where the cluster tiles leave the last wave partial (R clusters busy),
+    its R tiles are cut along K into clusters // R pieces (at most one per K step), so that every cluster has
+    work and the last wave takes about 1 / pieces of a tile's time. No split where the waves are whole, where
+    fewer than two pieces a tile fit, or with `split_tail` off."""
     clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
-    waves = -(-math.prod(tile_counts(config, m, n)) // clusters)
+    total, steps = math.prod(tile_counts(config, m, n)), k_steps(config, k)
+    rem = total % clusters
+    pieces = min(clusters // rem, steps) if rem and config.split_tail else 1
+    if pieces < 2:
+        return TailSplit(total)
+    piece_steps = -(-steps // pieces)
+    return TailSplit(total - rem, rem, -(-steps // piece_steps), piece_steps)
+
+
+def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
+    """Whether the kernel chains its whole-wave tiles' K pipelines for [M, K] x [N, K]^T under `config`: its
+    stages divide the K steps, and every cluster walks at least two of those tiles where CTA pairs or a split
+    tail (`tail_split`) follow (a chained pipeline drains, waiting for every consumption, only on a CTA's last
+    tile: with one tile there is no last call to drain in, and neither a CTA's peer in its cluster nor the
+    tail's pipeline on the same buffers may go on before that drain)."""
+    steps, clusters = k_steps(config, k), NUM_SMS // (config.cluster_m * config.cluster_n)
+    split = tail_split(config, m, n, k)
+    return (config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
+            and (split.full >= 2 * clusters or (config.cluster_dim is None and not split.tiles)))
+
+
+def wave_efficiency(config: MgpuGemmConfig, m: int, n: int, k: int) -> float:
+    """The share of the persistent grid's tile slots that hold output: M x N over waves x CTAs x CTA tile, with
+    waves = ceil(whole-wave cluster tiles / clusters) plus a split tail's longest piece as its share of a tile's
+    K steps (`tail_split`). A partial last wave leaves SMs idle, and partial edge tiles compute their empty rows
+    and columns too."""
+    clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
+    split = tail_split(config, m, n, k)
+    waves = -(-split.full // clusters) + (split.piece_steps / k_steps(config, k) if split.tiles else 0)
     return m * n / (waves * NUM_SMS * config.cta_m * config.cta_n)
 
 
@@ -370,71 +409,138 @@ def wgmma_zeros(tile_m: int, tile_n: int, interpret: bool) -> jax.Array:
     return zeros
 
 
-def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, cfg: MgpuGemmConfig, b_uniform: bool, interpret: bool):
+def tile_coords(cfg: MgpuGemmConfig, lin: Any, member: Any, m_iters: int, n_iters: int) -> tuple[Any, Any]:
+    """Row and column tile of the `lin`-th cluster tile of the planar snake (bands of `grid_tile_width` along
+    `grid_minor_dim`) for the cluster's CTA `member` (pairs along M or N take adjacent tiles). Traced in the
+    kernel; with concrete values (under `jax.ensure_compile_time_eval`) where `add_tail_partials` stores."""
+    mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_dim == "n" else 0, cfg.grid_tile_width)
+    if cfg.cluster_dim == "m":
+        mi = 2 * mi + member
+    elif cfg.cluster_dim == "n":
+        ni = 2 * ni + member
+    return mi, ni
+
+
+def store_tile(acc: jax.Array, smem: Any, dst: Any) -> None:
+    """A math warpgroup's FP32 tile `acc` [tile_m, tile_n] to `dst` (a GMEM ref of that shape, TMA dropping what
+    lies past the array's edge) in pieces through its two shared-memory slots `smem` [2, epi_m, epi_n], cast to
+    their dtype; the previous tile's stores must have read the slots first."""
+    epi_m, epi_n = smem.shape[-2:]
+    tile_m, tile_n = acc.shape
+    acc = acc.astype(smem.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for ei in range(tile_m // epi_m):
+        for ej in range(tile_n // epi_n):
+            slot = (ei * (tile_n // epi_n) + ej) % 2
+            rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            smem[slot] = acc[rows, cols]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem.at[slot], dst.at[rows, cols])
+
+
+def epilogue_smem(cfg: MgpuGemmConfig, dtype: jnp.dtype, columns: int | None = None) -> Any:
+    """Every math warpgroup's two epilogue slots [math_wgs, 2, min(64, tile_m), width] of `dtype`, width the
+    `epilogue_tile` of `columns` (default `epi_tile_n`) wide pieces, swizzled where that tile says."""
+    width, swizzle = epilogue_tile(dataclasses.replace(cfg, epi_tile_n=columns or cfg.epi_tile_n), dtype)
+    transforms = () if swizzle is None else (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM((cfg.math_wgs, 2, min(64, cfg.tile_m), width), dtype, transforms=transforms)
+
+
+def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *tail_gmem, cfg: MgpuGemmConfig, b_uniform: bool,
+            interpret: bool):
+    """The persistent grid's walk: the whole-wave tiles (chained K pipelines) into out_gmem, then, with a split
+    tail (`tail_split`), one K piece of a tail tile per cluster into its FP32 slice of tail_gmem [pieces of all
+    tail tiles x cluster CTAs, cta_m, cta_n]."""
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
-    out_dtype = out_gmem.dtype
-    tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
+    cta_m, cta_n = cfg.cta_m, cfg.cta_n
     m_iters, n_iters = tile_counts(cfg, m, n)
-    steps = k_steps(cfg, k)
+    steps, split = k_steps(cfg, k), tail_split(cfg, m, n, k)
     shared = {"m": "b", "n": "a"}.get(cfg.cluster_dim)     # CTAs paired along M share b's blocks, along N a's
     stages, chain = min(cfg.max_concurrent_steps, steps), chains(cfg, m, n, k)
-    epi_n, out_swizzle = epilogue_tile(cfg, out_dtype)
-    out_transforms = () if out_swizzle is None else (
-        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)), plgpu.SwizzleTransform(out_swizzle))
-    epi_m = min(64, tile_m)
-
-    pipeline = functools.partial(k_pipeline, cfg, stages, steps=steps, shared=shared)
+    pipeline = functools.partial(k_pipeline, cfg, stages, shared=shared)
 
     ignore = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(*k_operands(cfg, a_gmem, b_gmem, as_gmem, bs_gmem)),
-        out_smem=plgpu.SMEM((cfg.math_wgs, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        allocs=pipeline(ignore, ignore, steps).get_allocations(*k_operands(cfg, a_gmem, b_gmem, as_gmem, bs_gmem)),
         collective_axes="wg",
     )
-    def _scope(allocs, out_smem):
+    def _scope(allocs):
         wg = lax.axis_index("wg")
         member = lax.axis_index("cluster") if shared else 0
+        wg_rows, wg_cols = warpgroup_slices(cfg, wg)
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-        def _tiles(info: plgpu.NDLoopInfo):
-            (lin,) = info.index
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_dim == "n" else 0,
-                                        cfg.grid_tile_width)
-            if cfg.cluster_dim == "m":
-                mi = 2 * mi + member
-            elif cfg.cluster_dim == "n":
-                ni = 2 * ni + member
+        def run_tile(lin, dst, smem, tile_steps, first_block=0, state=None):
+            """K steps [first_block, + tile_steps) of the lin-th cluster tile; dst(cta_rows, cta_cols): the GMEM
+            ref [cta_m, cta_n] its CTA tile goes to, through the epilogue slots smem."""
+            mi, ni = tile_coords(cfg, lin, member, m_iters, n_iters)
             cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            wg_rows, wg_cols = warpgroup_slices(cfg, wg)
-            state = None
-            if chain:   # the first tile fills the pipeline, later ones continue it, the last one drains it
-                stages_of = plgpu.PipelinePipeline
-                last = jnp.where(info.local_index == info.num_local_steps - 1, stages_of.STOP, stages_of.STEADY)
-                state = jnp.where(info.local_index == 0, stages_of.START, last).astype(jnp.int32)
 
             def compute_context(eval_pipeline):
-                acc = eval_pipeline(wgmma_zeros(tile_m, tile_n, interpret)).astype(out_dtype)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for ei in range(tile_m // epi_m):
-                    for ej in range(tile_n // epi_n):
-                        slot = (ei * (tile_n // epi_n) + ej) % 2
-                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                        out_smem[wg, slot] = acc[rows, cols]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            out_gmem.at[cta_rows, cta_cols].at[wg_rows, wg_cols].at[rows, cols])
+                acc = eval_pipeline(wgmma_zeros(cfg.tile_m, cfg.tile_n, interpret))
+                store_tile(acc, smem.at[wg], dst(cta_rows, cta_cols).at[wg_rows, wg_cols])
 
-            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, state=state)(
+            pipeline(promote_step(cfg, wg_rows, wg_cols, b_uniform), compute_context, tile_steps, first_block,
+                     state=state)(
                 *k_operands(cfg, a_gmem.at[cta_rows], b_gmem.at[cta_cols], as_gmem.at[:, scale_slice(cta_rows)],
                             bs_gmem.at[:, scale_slice(cta_cols)]),
                 allocations=allocs)
 
+        def whole_waves(out_smem):
+            @plgpu.nd_loop((split.full,), collective_axes="sm")
+            def _tiles(info: plgpu.NDLoopInfo):
+                state = None
+                if chain:   # the first tile fills the pipeline, later ones continue it, the last one drains it
+                    stages_of = plgpu.PipelinePipeline
+                    last = jnp.where(info.local_index == info.num_local_steps - 1, stages_of.STOP, stages_of.STEADY)
+                    state = jnp.where(info.local_index == 0, stages_of.START, last).astype(jnp.int32)
+                run_tile(info.index[0], lambda rows, cols: out_gmem.at[rows, cols], out_smem, steps, state=state)
+
+        def tail(tail_smem):
+            @plgpu.nd_loop((split.tiles * split.pieces,), collective_axes="sm")
+            def _pieces(info: plgpu.NDLoopInfo):
+                (item,) = info.index
+                first = item % split.pieces * split.piece_steps
+                partial = tail_gmem[0].at[item * cfg.cluster_m * cfg.cluster_n + member]
+                run_tile(split.full + item // split.pieces, lambda *_: partial, tail_smem,
+                         jnp.minimum(split.piece_steps, steps - first), first * cfg.k_blocks)
+
+        # one after the other in the same shared memory: the tail's FP32 slots take the bytes of the output's
+        # (half as many columns where the output is BF16)
+        if split.full:
+            pl.run_scoped(whole_waves, epilogue_smem(cfg, out_gmem.dtype), collective_axes="wg")
+        if split.tiles:
+            columns = cfg.epi_tile_n * jnp.dtype(out_gmem.dtype).itemsize // 4
+            pl.run_scoped(tail, epilogue_smem(cfg, jnp.float32, columns), collective_axes="wg")
+
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def add_tail_partials(out: jax.Array, partials: jax.Array, cfg: MgpuGemmConfig, k: int) -> jax.Array:
+    """out [M, N] with the split tail's tiles (`tail_split`) stored: their K pieces' FP32 partial sums `partials`
+    [tiles x pieces x cluster CTAs, cta_m, cta_n] added up, cast and scattered in row windows that lie wholly
+    inside out or wholly past its edge (gcd(cta_n, EDGE_N) wide: N is a multiple of EDGE_N), the latter dropped."""
+    (m, n), cluster = out.shape, cfg.cluster_m * cfg.cluster_n
+    split, (m_iters, n_iters) = tail_split(cfg, m, n, k), tile_counts(cfg, m, n)
+    sums = partials.reshape(split.tiles, split.pieces, cluster, cfg.cta_m, cfg.cta_n).sum(1).astype(out.dtype)
+    with jax.ensure_compile_time_eval():
+        lin = jnp.arange(split.full, split.full + split.tiles, dtype=jnp.int32)
+        mi, ni = (np.stack(c, axis=1) for c in zip(*(
+            tuple(map(np.asarray, tile_coords(cfg, lin, member, m_iters, n_iters))) for member in range(cluster)),
+            strict=True))
+    width = math.gcd(cfg.cta_n, EDGE_N)
+    rows = (mi * cfg.cta_m)[:, :, None, None] + np.arange(cfg.cta_m)[:, None]          # [tiles, cluster, cta_m, 1]
+    cols = (ni * cfg.cta_n)[:, :, None, None] + np.arange(0, cfg.cta_n, width)          # [tiles, cluster, 1, w]
+    starts = np.stack(np.broadcast_arrays(rows, cols), axis=-1).reshape(-1, 2).astype(np.int32)
+    windows = sums.reshape(-1, width)
+    dims = lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
+                                       scatter_dims_to_operand_dims=(0, 1))
+    return lax.scatter(out, jnp.asarray(starts), windows, dims, unique_indices=True,
+                       mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
 @functools.partial(jax.jit, static_argnames=("b_block", "out_dtype", "config", "interpret"))
@@ -454,14 +560,18 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
+    split, cluster = tail_split(cfg, m, n, k), cfg.cluster_m * cfg.cluster_n
+    out_type = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+    if split.tiles:
+        out_type.append(jax.ShapeDtypeStruct((split.tiles * split.pieces * cluster, cfg.cta_m, cfg.cta_n), jnp.float32))
     kernel = warp_specialized_kernel(
         functools.partial(_kernel, cfg=cfg, b_uniform=b_block % cfg.tile_n == 0, interpret=interpret),
-        jax.ShapeDtypeStruct((m, n), out_dtype), interpret, cluster=cfg.cluster_m * cfg.cluster_n,
-        math_wgs=cfg.math_wgs)
-    return kernel(a, b, a_s, b_s)
+        tuple(out_type), interpret, cluster=cluster, math_wgs=cfg.math_wgs)
+    out, *partials = kernel(a, b, a_s, b_s)
+    return add_tail_partials(out, partials[0], cfg, k) if split.tiles else out
 
 
-def warp_specialized_kernel(body: Callable[..., None], out_type: jax.ShapeDtypeStruct, interpret: bool,
+def warp_specialized_kernel(body: Callable[..., None], out_type: Any, interpret: bool,
                             cluster: int = 1, math_wgs: int = 2) -> Callable[..., jax.Array]:
     """`plgpu.kernel` of this package's GEMMs: a persistent grid of one CTA per SM ("sm"; CTA pairs along
     "cluster" when cluster=2), `math_wgs` math warpgroups and one memory warpgroup ("wg", the last), warpgroup
