@@ -203,6 +203,7 @@ def test_mosaic_gpu_gemm_splits_the_last_waves_tiles_along_k(monkeypatch, m, n, 
     # the partial last wave's tiles are computed in K pieces on the CTAs it would leave idle, their FP32 partial
     # sums added and stored outside the kernel: every element written once (interpret mode starts from NaN)
     monkeypatch.setattr(gemm_mgpu, "NUM_SMS", 2)
+    monkeypatch.setattr(gemm_mgpu, "MIN_PIECE_BLOCKS", 1)     # pieces of a few K blocks: the interpreter is slow
     cfg = gemm_mgpu.chained_stages(gemm_mgpu.fit_smem(config, out_dtype), k)
     assert gemm_mgpu.tail_split(cfg, m, n, k) == split
     tiles = gemm_mgpu.tile_counts(cfg, m, n)
@@ -210,10 +211,23 @@ def test_mosaic_gpu_gemm_splits_the_last_waves_tiles_along_k(monkeypatch, m, n, 
     check_mosaic_gpu_gemm(m, n, k, cfg, out_dtype=out_dtype)
 
 
+def test_mosaic_gpu_gemm_splits_only_where_the_pieces_pay():
+    # DeepGEMM's shapes at M = 4096 in CTA pairs: 22 of 66 pairs busy in the last wave at three of them, split
+    # into 3 K pieces where a piece has MIN_PIECE_BLOCKS or more (run 18: +5.7%, +7.5%; 6-block pieces of
+    # (7168, 2048) were 3.6% slower); the other three fill whole waves
+    splits = {(n, k): gemm_mgpu.tail_split(gemm_mgpu.config_for(4096, n, k), 4096, n, k)
+              for n, k in bench_gemm.SHAPES_NK}
+    assert splits[7168, 16384] == gemm_mgpu.TailSplit(594, 22, 3, 43)
+    assert splits[4096, 7168] == gemm_mgpu.TailSplit(330, 22, 3, 19)
+    assert all(split.tiles == 0 for nk, split in splits.items() if nk not in ((7168, 16384), (4096, 7168)))
+    # M = 128: every tile is in the one partial wave, split however short the pieces (run 18: 1.4-3x faster)
+    assert gemm_mgpu.tail_split(gemm_mgpu.config_for(128, 2112, 7168), 128, 2112, 7168) == gemm_mgpu.TailSplit(
+        0, 17, 7, 4)
+
+
 @pytest.mark.skipif(INTERPRET, reason="132 CTAs in CTA pairs: compiled only")
-@pytest.mark.parametrize("n, k", [(7168, 2048), (4096, 7168)])
+@pytest.mark.parametrize("n, k", [(7168, 16384), (4096, 7168)])
 def test_mosaic_gpu_gemm_default_splits_the_last_wave_on_the_gpu(n, k):
-    # DeepGEMM's shapes at M = 4096 leave 22 of 66 CTA pairs busy in the last wave: 3 K pieces a tile
     cfg = gemm_mgpu.config_for(4096, n, k)
     assert cfg.cluster_dim == "n" and gemm_mgpu.tail_split(cfg, 4096, n, k).pieces == 3
     check_mosaic_gpu_gemm(4096, n, k, cfg, out_dtype=jnp.bfloat16)

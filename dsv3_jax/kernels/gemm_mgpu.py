@@ -89,6 +89,10 @@ NUM_SMS = 132          # H100 SXM / H200
 FP8_SWIZZLE = 128      # bytes: a 128-wide K block of FP8 is one 128-byte swizzle row
 SMEM_LIMIT = 232448    # bytes of shared memory one CTA may take on H100 / H200 (227 KiB)
 SMEM_SLACK = 2048      # barriers and alignment on top of `smem_bytes` (1104 bytes measured, H100)
+# The shortest K piece of a split last wave behind whole waves (`tail_split`): run 18 (H100, M = 4096) split
+# (7168, 16384) into pieces of 43 K blocks (+5.7%) and (4096, 7168) into 19 (+7.5%), but (7168, 2048) into 6
+# (-3.6%: the pieces' pipeline fill and the partial sums' fix-up cost more than the 0.6 tile times they save)
+MIN_PIECE_BLOCKS = 16
 EDGE_M, EDGE_N = 8, 64  # M, N multiples that TMA copies of partial edge tiles take (`fits(..., edge_tiles=True)`)
 
 
@@ -269,14 +273,15 @@ def tail_split(config: MgpuGemmConfig, m: int, n: int, k: int) -> TailSplit:
     """Stream-K for the last wave only: where the cluster tiles leave the last wave partial (R clusters busy),
     its R tiles are cut along K into clusters // R pieces (at most one per K step), so that every cluster has
     work and the last wave takes about 1 / pieces of a tile's time. No split where the waves are whole, where
-    fewer than two pieces a tile fit, or with `split_tail` off."""
+    fewer than two pieces a tile fit, where whole waves run before and a piece would be shorter than
+    MIN_PIECE_BLOCKS K blocks, or with `split_tail` off."""
     clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
     total, steps = math.prod(tile_counts(config, m, n)), k_steps(config, k)
     rem = total % clusters
     pieces = min(clusters // rem, steps) if rem and config.split_tail else 1
-    if pieces < 2:
+    piece_steps = -(-steps // max(pieces, 1))
+    if pieces < 2 or (total >= clusters and piece_steps * config.k_blocks < MIN_PIECE_BLOCKS):
         return TailSplit(total)
-    piece_steps = -(-steps // pieces)
     return TailSplit(total - rem, rem, -(-steps // piece_steps), piece_steps)
 
 
@@ -527,11 +532,10 @@ def add_tail_partials(out: jax.Array, partials: jax.Array, cfg: MgpuGemmConfig, 
     (m, n), cluster = out.shape, cfg.cluster_m * cfg.cluster_n
     split, (m_iters, n_iters) = tail_split(cfg, m, n, k), tile_counts(cfg, m, n)
     sums = partials.reshape(split.tiles, split.pieces, cluster, cfg.cta_m, cfg.cta_n).sum(1).astype(out.dtype)
-    with jax.ensure_compile_time_eval():
-        lin = jnp.arange(split.full, split.full + split.tiles, dtype=jnp.int32)
-        mi, ni = (np.stack(c, axis=1) for c in zip(*(
-            tuple(map(np.asarray, tile_coords(cfg, lin, member, m_iters, n_iters))) for member in range(cluster)),
-            strict=True))
+    with jax.ensure_compile_time_eval():      # one scalar tile at a time, as in the kernel (jax 0.11's snake)
+        coords = np.array([[[int(x) for x in tile_coords(cfg, jnp.int32(lin), member, m_iters, n_iters)]
+                            for member in range(cluster)] for lin in range(split.full, split.full + split.tiles)])
+    mi, ni = coords[..., 0], coords[..., 1]                                             # [tiles, cluster]
     width = math.gcd(cfg.cta_n, EDGE_N)
     rows = (mi * cfg.cta_m)[:, :, None, None] + np.arange(cfg.cta_m)[:, None]          # [tiles, cluster, cta_m, 1]
     cols = (ni * cfg.cta_n)[:, :, None, None] + np.arange(0, cfg.cta_n, width)          # [tiles, cluster, 1, w]
