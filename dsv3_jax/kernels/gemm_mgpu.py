@@ -45,9 +45,11 @@ wide. Any tiling of whole 192 x 128 tiles needs 10 waves there (the work is 9.05
 along K (`split_tail`, `tail_split`; stream-K for the last wave only): the whole waves run as before, chained,
 then each of the R tiles a partial last wave holds is cut into clusters // R K pieces, one per otherwise idle
 cluster (at (7168, 16384): 44 tiles x 3 pieces of 43, 43 and 42 K blocks on the 132 SMs), whose FP32 partial
-sums the kernel writes to a second output and `add_tail_partials` adds up and scatters into the tiles (one
-XLA fusion; the bytes it reads are at most 132 FP32 CTA tiles, 13 MB). The modelled last wave drops from one
-tile time to 43 / 128 of one: 9.34 instead of 10 waves.
+sums the kernel writes to a second output and `add_tail_partials` adds up and scatters into the tiles (XLA;
+at most 132 FP32 CTA tiles, 13 MB, read). The modelled last wave drops from one tile time to 43 / 128 of one:
+9.34 instead of 10 waves. Run 18 (H100, 2 side-by-side rounds): +1.6% / +9.9% there (median 1252 TFLOP/s),
++3.9% / +11.2% at (4096, 7168), 1.35-3x at M = 128; pieces of 6 K blocks ((7168, 2048)) lost 0.7% / 6.7%, so
+pieces shorter than MIN_PIECE_BLOCKS behind whole waves are not split.
 
 CTA pairs along N (`PAIRED_CONFIG`, the default at M > SMALL_M where the pairs chain): the two CTAs of a
 cluster compute adjacent column tiles and each loads half of a's K block, multicast to both, so a CTA reads 30%
