@@ -122,6 +122,10 @@ class WarpgroupTiles:
 
     cluster_m = cluster_n = 1       # CTAs per cluster along M / N (the dense kernel's `cluster_dim` pairs them)
 
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_m * self.cluster_n
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuGemmConfig(WarpgroupTiles):
@@ -184,6 +188,11 @@ def fits(m: int, n: int, k: int, config: WarpgroupTiles, edge_tiles: bool = Fals
     if edge_tiles:
         return whole_k and m % EDGE_M == 0 and n % EDGE_N == 0
     return whole_k and m % (config.cta_m * config.cluster_m) == 0 and n % (config.cta_n * config.cluster_n) == 0
+
+
+def num_clusters(config: WarpgroupTiles) -> int:
+    """Clusters of the persistent grid: one CTA per SM, `cluster_size` CTAs a cluster."""
+    return NUM_SMS // config.cluster_size
 
 
 def tile_counts(config: WarpgroupTiles, m: int, n: int) -> tuple[int, int]:
@@ -277,7 +286,7 @@ def tail_split(config: MgpuGemmConfig, m: int, n: int, k: int) -> TailSplit:
     work and the last wave takes about 1 / pieces of a tile's time. No split where the waves are whole, where
     fewer than two pieces a tile fit, where whole waves run before and a piece would be shorter than
     MIN_PIECE_BLOCKS K blocks, or with `split_tail` off."""
-    clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
+    clusters = num_clusters(config)
     total, steps = math.prod(tile_counts(config, m, n)), k_steps(config, k)
     rem = total % clusters
     pieces = min(clusters // rem, steps) if rem and config.split_tail else 1
@@ -293,7 +302,7 @@ def chains(config: MgpuGemmConfig, m: int, n: int, k: int) -> bool:
     tail (`tail_split`) follow (a chained pipeline drains, waiting for every consumption, only on a CTA's last
     tile: with one tile there is no last call to drain in, and neither a CTA's peer in its cluster nor the
     tail's pipeline on the same buffers may go on before that drain)."""
-    steps, clusters = k_steps(config, k), NUM_SMS // (config.cluster_m * config.cluster_n)
+    steps, clusters = k_steps(config, k), num_clusters(config)
     split = tail_split(config, m, n, k)
     return (config.chain_tiles and steps % min(config.max_concurrent_steps, steps) == 0
             and (split.full >= 2 * clusters or (config.cluster_dim is None and not split.tiles)))
@@ -304,7 +313,7 @@ def wave_efficiency(config: MgpuGemmConfig, m: int, n: int, k: int) -> float:
     waves = ceil(whole-wave cluster tiles / clusters) plus a split tail's longest piece as its share of a tile's
     K steps (`tail_split`). A partial last wave leaves SMs idle, and partial edge tiles compute their empty rows
     and columns too."""
-    clusters = NUM_SMS // (config.cluster_m * config.cluster_n)
+    clusters = num_clusters(config)
     split = tail_split(config, m, n, k)
     waves = -(-split.full // clusters) + (split.piece_steps / k_steps(config, k) if split.tiles else 0)
     return m * n / (waves * NUM_SMS * config.cta_m * config.cta_n)
@@ -512,7 +521,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *tail_gmem, cfg: MgpuGem
             def _pieces(info: plgpu.NDLoopInfo):
                 (item,) = info.index
                 first = item % split.pieces * split.piece_steps
-                partial = tail_gmem[0].at[item * cfg.cluster_m * cfg.cluster_n + member]
+                partial = tail_gmem[0].at[item * cfg.cluster_size + member]
                 run_tile(split.full + item // split.pieces, lambda *_: partial, tail_smem,
                          jnp.minimum(split.piece_steps, steps - first), first * cfg.k_blocks)
 
@@ -531,7 +540,7 @@ def add_tail_partials(out: jax.Array, partials: jax.Array, cfg: MgpuGemmConfig, 
     """out [M, N] with the split tail's tiles (`tail_split`) stored: their K pieces' FP32 partial sums `partials`
     [tiles x pieces x cluster CTAs, cta_m, cta_n] added up, cast and scattered in row windows that lie wholly
     inside out or wholly past its edge (gcd(cta_n, EDGE_N) wide: N is a multiple of EDGE_N), the latter dropped."""
-    (m, n), cluster = out.shape, cfg.cluster_m * cfg.cluster_n
+    (m, n), cluster = out.shape, cfg.cluster_size
     split, (m_iters, n_iters) = tail_split(cfg, m, n, k), tile_counts(cfg, m, n)
     sums = partials.reshape(split.tiles, split.pieces, cluster, cfg.cta_m, cfg.cta_n).sum(1).astype(out.dtype)
     with jax.ensure_compile_time_eval():      # one scalar tile at a time, as in the kernel (jax 0.11's snake)
@@ -566,7 +575,7 @@ def scaled_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.A
     # scales K-block-major, b's expanded to one per row of b: [Kb, M], [Kb, N] (TMA rows of one K block)
     a_s = a_scale.astype(jnp.float32).T
     b_s = jnp.repeat(b_scale.astype(jnp.float32), b_block, axis=0)[:n].T
-    split, cluster = tail_split(cfg, m, n, k), cfg.cluster_m * cfg.cluster_n
+    split, cluster = tail_split(cfg, m, n, k), cfg.cluster_size
     out_type = [jax.ShapeDtypeStruct((m, n), out_dtype)]
     if split.tiles:
         out_type.append(jax.ShapeDtypeStruct((split.tiles * split.pieces * cluster, cfg.cta_m, cfg.cta_n), jnp.float32))
